@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Builds the tools the end-to-end tests need -- etcd, kube-apiserver, kubectl and helm --
+# from published Go modules, into a versioned cache outside the repository.
+# Each binary is rebuilt only when its pinned version changes (the version is part of its path).
+#
+# Usage: tools/build-toolchain.sh [etcd|kube|helm|all]   (prints the bin directory last)
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.34.4}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+HELM_VERSION="${HELM_VERSION:-v3.22.0}"
+
+CACHE_ROOT="${PROMOTION_GATE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/promotion-gate}"
+BIN_DIR="$CACHE_ROOT/bin"
+export GOMODCACHE="$CACHE_ROOT/go/mod"
+export GOCACHE="$CACHE_ROOT/go/build"
+export GOFLAGS="-mod=mod"
+export CGO_ENABLED=0
+export GOTOOLCHAIN=local
+mkdir -p "$BIN_DIR" "$GOMODCACHE" "$GOCACHE"
+
+log() { printf '[toolchain] %s\n' "$*" >&2; }
+
+timed() {
+  local name="$1"; shift
+  local start; start=$(date +%s)
+  "$@"
+  log "$name built in $(( $(date +%s) - start ))s"
+}
+
+build_etcd() {
+  local out="$BIN_DIR/etcd-$ETCD_VERSION"
+  [[ -x "$out" ]] && { log "etcd $ETCD_VERSION cached"; return; }
+  local mod="$CACHE_ROOT/src/etcd-$ETCD_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"
+  (
+    cd "$mod"
+    go mod init promotion-gate.local/etcd-build >/dev/null 2>&1
+    go get "go.etcd.io/etcd/server/v3@$ETCD_VERSION"
+    go build -trimpath -ldflags "-s -w" -o "$out.tmp" go.etcd.io/etcd/server/v3
+  )
+  mv "$out.tmp" "$out"
+}
+
+build_kube() {
+  local apiserver="$BIN_DIR/kube-apiserver-$K8S_VERSION" kubectl="$BIN_DIR/kubectl-$K8S_VERSION"
+  if [[ -x "$apiserver" && -x "$kubectl" ]]; then log "kube-apiserver/kubectl $K8S_VERSION cached"; return; fi
+  local minor="${K8S_VERSION#v1.}"; minor="${minor%%.*}"
+  local staging="v0.${K8S_VERSION#v1.}"
+  local mod="$CACHE_ROOT/src/kubernetes-$K8S_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"
+  (
+    cd "$mod"
+    go mod init promotion-gate.local/kube-build >/dev/null 2>&1
+    # k8s.io/kubernetes lists its staging modules at v0.0.0 with local replaces that a consumer
+    # ignores; map each one to its published v0.Y.Z. The list comes from the real go.mod.
+    local gomod
+    gomod=$(go mod download -json "k8s.io/kubernetes@$K8S_VERSION" | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+    local replaces
+    replaces=$(awk '$1 ~ /^k8s\.io\// && $2 == "v0.0.0" {print $1}' "$gomod" | sort -u)
+    for m in $replaces; do
+      go mod edit -replace "$m=$m@$staging"
+    done
+    go mod edit -require "k8s.io/kubernetes@$K8S_VERSION"
+    cat > tools.go <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
+GO
+    go mod tidy -e >/dev/null 2>&1 || true
+    local ld_server="-s -w -X k8s.io/component-base/version.gitVersion=$K8S_VERSION -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+    local ld_client="$ld_server -X k8s.io/client-go/pkg/version.gitVersion=$K8S_VERSION -X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=$minor"
+    go build -trimpath -tags=notest,grpcnotrace -ldflags "$ld_server" -o "$apiserver.tmp" k8s.io/kubernetes/cmd/kube-apiserver
+    mv "$apiserver.tmp" "$apiserver"
+    go build -trimpath -tags=notest,grpcnotrace -ldflags "$ld_client" -o "$kubectl.tmp" k8s.io/kubernetes/cmd/kubectl
+    mv "$kubectl.tmp" "$kubectl"
+  )
+}
+
+build_helm() {
+  local out="$BIN_DIR/helm-$HELM_VERSION"
+  [[ -x "$out" ]] && { log "helm $HELM_VERSION cached"; return; }
+  local mod="$CACHE_ROOT/src/helm-$HELM_VERSION"
+  rm -rf "$mod"; mkdir -p "$mod"
+  (
+    cd "$mod"
+    GOBIN="$mod/bin" go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+    mv "$mod/bin/helm" "$out"
+  )
+}
+
+link() { ln -sf "$1-$2" "$BIN_DIR/$1"; }
+
+what="${1:-all}"
+case "$what" in
+  etcd) timed etcd build_etcd; link etcd "$ETCD_VERSION" ;;
+  kube) timed kube-apiserver+kubectl build_kube; link kube-apiserver "$K8S_VERSION"; link kubectl "$K8S_VERSION" ;;
+  helm) timed helm build_helm; link helm "$HELM_VERSION" ;;
+  all)
+    timed helm build_helm; link helm "$HELM_VERSION"
+    timed etcd build_etcd; link etcd "$ETCD_VERSION"
+    timed kube-apiserver+kubectl build_kube; link kube-apiserver "$K8S_VERSION"; link kubectl "$K8S_VERSION"
+    ;;
+  *) echo "usage: $0 [etcd|kube|helm|all]" >&2; exit 2 ;;
+esac
+echo "$BIN_DIR"

@@ -1,0 +1,91 @@
+"""The decision log: one audit event per admission decision.
+
+Events go to stdout as JSON lines (for the cluster's log pipeline) and, when a store is configured,
+into the store's hash-chained audit table (see :mod:`webhook.store.audit_chain`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import Any, Protocol, TextIO
+
+from webhook.admission import AdmissionRequest
+from webhook.decision import Verdict
+from webhook.findings import Reason
+
+
+def now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def audit_event(request: AdmissionRequest, verdict: Verdict) -> dict[str, Any]:
+    """The security team's view of one decision; field names are a stable contract (docs/audit.md)."""
+    return {
+        "time": now_rfc3339(),
+        "uid": request.uid,
+        "user": request.user.username,
+        "groups": list(request.user.groups),
+        "namespace": request.namespace,
+        "kind": request.kind,
+        "name": verdict.subject.split("/", 1)[-1] if "/" in verdict.subject else request.name,
+        "operation": request.operation,
+        "subResource": request.sub_resource,
+        "dryRun": request.dry_run,
+        "environment": verdict.environment,
+        "mode": str(verdict.mode),
+        "allowed": verdict.allowed,
+        "reasons": list(verdict.reasons),
+        "findings": [f.line for f in verdict.findings],
+        "images": [
+            {
+                "container": i.container,
+                "field": i.field_path,
+                "image": i.image,
+                "repository": i.repository,
+                "digest": i.digest,
+                "records": list(i.record_ids),
+                "exempt": i.exempt,
+            }
+            for i in verdict.images
+        ],
+        "breakGlass": verdict.break_glass_reason,
+        "skipped": verdict.skipped,
+    }
+
+
+class DecisionLog(Protocol):
+    def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
+        """Log the decision; may turn an allow into a deny when the log cannot be written."""
+        ...
+
+
+class StdoutDecisionLog:
+    """JSON lines on stdout: cheap, and what every cluster log pipeline already collects."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def write(self, event: dict[str, Any]) -> None:
+        line = json.dumps({"msg": "admission decision", **event}, separators=(",", ":"))
+        with self._lock:
+            stream = self._stream or sys.stdout
+            stream.write(line + "\n")
+            stream.flush()
+
+    def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
+        self.write(audit_event(request, verdict))
+        return verdict
+
+
+def audit_failure_verdict(verdict: Verdict, on_failure: str, detail: str) -> Verdict:
+    """What the policy says happens when an event cannot be stored (``audit.onWriteFailure``)."""
+    if on_failure == "allow" or not verdict.allowed:
+        return verdict
+    line = (f"[{Reason.STORE_UNAVAILABLE}] {verdict.subject or 'request'}: the decision could not be written to "
+            f"the audit log ({detail}); denied because the policy requires an audit trail. Retry shortly")
+    return replace(verdict, allowed=False, message=line)

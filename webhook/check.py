@@ -1,0 +1,55 @@
+"""The offline check: the admission policy run over manifests before they are applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from webhook import decision, manifests, workloads
+from webhook.findings import Finding
+from webhook.policy import Policy
+
+
+@dataclass
+class CheckReport:
+    findings: list[tuple[str, Finding]] = field(default_factory=list)  # (document location, finding)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    checked: int = 0  # workloads judged
+    denied: int = 0
+
+    @property
+    def exit_code(self) -> int:
+        if self.errors:
+            return 2
+        return 1 if self.denied else 0
+
+
+def run(paths: list[str], policy: Policy, environment: str | None, records: decision.RecordView) -> CheckReport:
+    report = CheckReport()
+    if environment is None:
+        # Without a target environment only the digest rule can be checked offline.
+        policy = replace(policy, unmapped="digest-only")
+    for path in manifests.expand(paths):
+        try:
+            for doc in manifests.documents(path):
+                kind = doc.body.get("kind")
+                if not isinstance(kind, str) or not workloads.supports(kind):
+                    continue
+                try:
+                    workload = workloads.extract(doc.body)
+                except workloads.WorkloadShapeError as exc:
+                    report.errors.append(f"{doc.where}: {exc}")
+                    continue
+                report.checked += 1
+                verdict = decision.judge_workload(workload, workload.images, "", (), policy, environment, records)
+                # Offline, warn/audit modes do not soften the answer: the check says what enforce would do.
+                if verdict.findings:
+                    report.denied += 1
+                for finding in verdict.findings:
+                    report.findings.append((doc.where, finding))
+                for warning in verdict.warnings:
+                    if not warning.startswith("["):
+                        report.warnings.append((doc.where, warning))
+        except manifests.ManifestError as exc:
+            report.errors.append(str(exc))
+    return report

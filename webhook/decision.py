@@ -1,0 +1,263 @@
+"""The policy core: (request, policy, environment, record view) -> verdict. No I/O of its own.
+
+Everything this function needs from the outside world is passed in: the namespace's environment
+(already resolved) and a :class:`RecordView` that answers promotion questions. That makes the rules
+testable as tables and lets the HTTP layer, ``check`` and the benchmarks share one implementation.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from webhook import references, workloads
+from webhook.admission import AdmissionRequest
+from webhook.findings import Finding, Reason
+from webhook.policy import Mode, Policy
+
+FINDING_REASONS = frozenset(
+    {
+        Reason.MUTABLE_TAG,
+        Reason.INVALID_REFERENCE,
+        Reason.NOT_PROMOTED,
+        Reason.UNTRUSTED_RECORD,
+        Reason.NO_ENVIRONMENT,
+        Reason.STORE_UNAVAILABLE,
+    }
+)
+
+
+class Promotion(enum.Enum):
+    PROMOTED = "promoted"
+    NOT_PROMOTED = "not-promoted"
+    UNTRUSTED = "untrusted"
+    UNAVAILABLE = "unavailable"
+
+
+@dataclass(frozen=True, slots=True)
+class PromotionStatus:
+    state: Promotion
+    record_ids: tuple[str, ...] = ()
+    promoted_to: tuple[str, ...] = ()
+    detail: str = ""
+
+
+class RecordView(Protocol):
+    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus: ...
+
+
+class NoRecords:
+    """A view for policies without environments: nothing is ever promoted."""
+
+    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
+        return PromotionStatus(Promotion.NOT_PROMOTED)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageOutcome:
+    field_path: str
+    container: str
+    image: str
+    repository: str = ""
+    digest: str = ""
+    record_ids: tuple[str, ...] = ()
+    exempt: bool = False
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    findings: tuple[Finding, ...] = ()
+    notes: tuple[str, ...] = ()  # reason codes of allowed-despite: exempt, break-glass, warn-only
+    warnings: tuple[str, ...] = ()
+    message: str = ""
+    mode: Mode = Mode.ENFORCE
+    environment: str | None = None
+    subject: str = ""
+    images: tuple[ImageOutcome, ...] = ()
+    break_glass_reason: str | None = None
+    skipped: str = ""  # why the request was not judged (delete, not a workload, unchanged images)
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        ordered: dict[str, None] = {}
+        for finding in self.findings:
+            ordered[str(finding.reason)] = None
+        for note in self.notes:
+            ordered[note] = None
+        return tuple(ordered)
+
+
+def _allowed(reason: str, **extra: Any) -> Verdict:
+    return Verdict(allowed=True, skipped=reason, **extra)
+
+
+def decide(
+    request: AdmissionRequest,
+    policy: Policy,
+    environment: str | None,
+    records: RecordView,
+) -> Verdict:
+    """Judge one admission request. Raises ``WorkloadShapeError`` for objects of the wrong shape."""
+    if request.operation in ("DELETE", "CONNECT"):
+        return _allowed(f"{request.operation} is never blocked")
+    if request.object is None:
+        return _allowed("no object")
+    if not workloads.supports(request.kind):
+        return _allowed(f"{request.kind} is not a workload kind")
+    workload = workloads.extract(
+        request.object, kind=request.kind, namespace=request.namespace, name=request.name
+    )
+    subject = workload.display_name
+    mode = policy.mode_for(environment)
+    if request.namespace in policy.exempt_namespaces:
+        return Verdict(
+            allowed=True, notes=(str(Reason.EXEMPT),), subject=subject, mode=mode, environment=environment,
+            skipped=f"namespace {request.namespace} is exempt",
+        )
+
+    candidates = workload.images
+    if request.operation == "UPDATE" and request.old_object is not None:
+        old = workloads.extract(
+            request.old_object, kind=request.kind, namespace=request.namespace, name=request.name
+        )
+        if old.deleting or workload.deleting:
+            return _allowed("object is being deleted", subject=subject)
+        # Only images the update introduces are judged: a scale-down, a label change or a finalizer
+        # removal must never be blocked because of what is already running.
+        before = {c.image for c in old.images}
+        candidates = tuple(c for c in workload.images if c.image not in before)
+        if not candidates:
+            return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
+
+    return judge_workload(workload, candidates, request.user.username, request.user.groups,
+                          policy, environment, records)
+
+
+def judge_workload(
+    workload: workloads.Workload,
+    candidates: tuple[workloads.ContainerImage, ...],
+    username: str,
+    groups: tuple[str, ...],
+    policy: Policy,
+    environment: str | None,
+    records: RecordView,
+) -> Verdict:
+    """Judge the given containers of one workload (shared by admission and the offline check)."""
+    subject = workload.display_name
+    mode = policy.mode_for(environment)
+    findings: list[Finding] = []
+    warnings: list[str] = []
+    outcomes: list[ImageOutcome] = []
+    notes: list[str] = []
+    gated = environment is not None
+
+    if environment is None and policy.unmapped == "deny":
+        findings.append(Finding(
+            Reason.NO_ENVIRONMENT, subject,
+            f'namespace "{workload.namespace}" has no environment; label it: kubectl label namespace '
+            f"{workload.namespace} promotion-gate.io/environment=<{'|'.join(policy.environment_names) or 'env'}>",
+        ))
+
+    for container in candidates:
+        finding, outcome, warning = _judge_image(container, subject, policy, environment if gated else None, records)
+        outcomes.append(outcome)
+        if outcome.exempt and str(Reason.EXEMPT) not in notes:
+            notes.append(str(Reason.EXEMPT))
+        if finding:
+            findings.append(finding)
+        if warning:
+            warnings.append(warning)
+
+    base = dict(mode=mode, environment=environment, subject=subject, images=tuple(outcomes))
+    if not findings:
+        return Verdict(allowed=True, notes=tuple(notes), warnings=tuple(warnings), **base)  # type: ignore[arg-type]
+
+    lines = [f.line for f in findings]
+    if mode is Mode.AUDIT:
+        return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
+                       warnings=tuple(warnings), **base)  # type: ignore[arg-type]
+    if mode is Mode.WARN:
+        return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
+                       warnings=(*lines, *warnings), **base)  # type: ignore[arg-type]
+
+    reason = workload.break_glass
+    if reason is not None:
+        permitted = username in policy.break_glass_users or bool(policy.break_glass_groups.intersection(groups))
+        if permitted and reason.strip():
+            note = (f'[break-glass] {subject} admitted despite {len(findings)} finding(s) by "{username}": '
+                    f"{reason.strip()}")
+            return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.BREAK_GLASS)),
+                           warnings=(note, *lines, *warnings), break_glass_reason=reason.strip(),
+                           **base)  # type: ignore[arg-type]
+        why = (f'user "{username}" is not allowed to break glass' if not permitted
+               else "the annotation needs a non-empty reason or ticket")
+        lines.append(f"[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
+    return Verdict(allowed=False, findings=tuple(findings), notes=tuple(notes), warnings=tuple(warnings),
+                   message="\n".join(lines), **base)  # type: ignore[arg-type]
+
+
+def _exempt(policy: Policy, ref: references.ImageReference) -> bool:
+    # Exact match on the normalised repository, never a prefix: 'registry.k8s.io/pause' must not
+    # exempt 'registry.k8s.io/pause-evil'.
+    for exemption in policy.exempt_images:
+        if exemption.repository != ref.repository:
+            continue
+        if exemption.digest is None or exemption.digest == ref.digest:
+            return True
+    return False
+
+
+def _judge_image(
+    container: workloads.ContainerImage,
+    subject: str,
+    policy: Policy,
+    environment: str | None,
+    records: RecordView,
+) -> tuple[Finding | None, ImageOutcome, str | None]:
+    where = dict(field_path=container.field_path, container=container.container, image=container.image)
+    outcome = ImageOutcome(container.field_path, container.container, container.image)
+    classified = references.classify(container.image)
+    ref = classified.reference
+    if ref is None:
+        return (Finding(Reason.INVALID_REFERENCE, subject,
+                        f'image "{container.image}" is not a valid reference: {classified.problem}', **where),
+                outcome, None)
+    outcome = ImageOutcome(container.field_path, container.container, container.image, ref.repository,
+                           ref.digest or "")
+    if _exempt(policy, ref):
+        return None, ImageOutcome(**{**_fields(outcome), "exempt": True}), None
+    if ref.digest is None:
+        implicit = " (no tag: implicitly \"latest\")" if ref.implicit_latest else ""
+        return (Finding(Reason.MUTABLE_TAG, subject,
+                        f'image "{container.image}" is a mutable tag{implicit}; deploy by digest: '
+                        f"{ref.written_name}@sha256:<digest>", **where),
+                outcome, None)
+    warning = None
+    if ref.tag:
+        warning = f'{container.field_path} "{container.container}": tag "{ref.tag}" is ignored, the digest is pulled'
+    if environment is None:
+        return None, outcome, warning
+    status = records.status(ref.repository, ref.digest, environment)
+    if status.state is Promotion.PROMOTED:
+        return None, ImageOutcome(**{**_fields(outcome), "record_ids": status.record_ids}), warning
+    pinned = f"{ref.written_name}@{ref.digest}"
+    if status.state is Promotion.UNAVAILABLE:
+        return (Finding(Reason.STORE_UNAVAILABLE, subject,
+                        f"{pinned}: the attestation store did not answer in time ({status.detail}); "
+                        "retry, or ask the cluster operator", **where), outcome, warning)
+    if status.state is Promotion.UNTRUSTED:
+        return (Finding(Reason.UNTRUSTED_RECORD, subject,
+                        f'{pinned} has a promotion record for environment "{environment}" that cannot be '
+                        f"trusted: {status.detail}", **where), outcome, warning)
+    promoted = ", ".join(status.promoted_to) or "none"
+    return (Finding(Reason.NOT_PROMOTED, subject,
+                    f'{pinned} has no promotion record for environment "{environment}" (promoted to: '
+                    f"{promoted}). Promote it: promotion-gate promote {pinned} --to {environment}", **where),
+            outcome, warning)
+
+
+def _fields(outcome: ImageOutcome) -> Mapping[str, Any]:
+    return {name: getattr(outcome, name) for name in ImageOutcome.__slots__}

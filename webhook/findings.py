@@ -1,0 +1,47 @@
+"""Reason codes and finding lines: the words a developer reads when a deploy is refused."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Reason(enum.StrEnum):
+    # findings (deny in enforce mode)
+    MUTABLE_TAG = "mutable-tag"
+    INVALID_REFERENCE = "invalid-reference"
+    NOT_PROMOTED = "not-promoted"
+    UNTRUSTED_RECORD = "untrusted-record"
+    NO_ENVIRONMENT = "no-environment"
+    STORE_UNAVAILABLE = "store-unavailable"
+    # notes on allowed requests
+    BREAK_GLASS = "break-glass"
+    EXEMPT = "exempt"
+    WARN_ONLY = "warn-only"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One problem with one container (or, for ``no-environment``, with the whole request)."""
+
+    reason: Reason
+    subject: str  # 'Deployment payments/payment-api'
+    message: str
+    field_path: str = ""
+    container: str = ""
+    image: str = ""
+
+    @property
+    def line(self) -> str:
+        where = self.subject
+        if self.field_path:
+            where += f" {self.field_path}"
+        if self.field_path and self.container is not None:
+            where += f' "{self.container}"'
+        return f"[{self.reason}] {where}: {self.message}"
+
+
+def short_line(finding: Finding, limit: int = 120) -> str:
+    """A warning-sized form of a finding: the API server may truncate warnings over 256 chars."""
+    text = finding.line
+    return text if len(text) <= limit else text[: limit - 1] + "…"
