@@ -40,7 +40,7 @@ toolchain:
 	@$(TOOLCHAIN) all >/dev/null
 
 run: venv
-	mkdir -p var
+	$(BIN)/python -m tools.dev_setup var
 	$(BIN)/promotion-gate serve --dev-certs --cert-dir var/certs --policy examples/policy.yaml \
 	  --store sqlite:///var/promotion-gate.db --server-key var/server-key.pem
 

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +120,75 @@ def digest_only_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run
                           extra=["--baseline-endpoint"])
     yield server
     server.stop()
+
+
+# --- PostgreSQL: a real server from Debian's package, started once per test session ------------
+
+def _postgres_bin() -> Path | None:
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+    return found[-1].parent if found else None
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    socket_dir: Path
+    bin_dir: Path
+    user: str
+
+    def url(self, database: str) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self, name: str) -> str:
+        import psycopg
+
+        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _as_postgres_user(args: list[str]) -> list[str]:
+    # initdb and postgres refuse to run as root; CI runs as root, so drop to the package's user.
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        pytest.fail("PostgreSQL server binaries not found; run 'make system-deps' (Debian package postgresql)")
+    import shutil
+    import tempfile
+
+    # Not under pytest's 0700 temp root: the postgres user must be able to reach it.
+    base = Path(tempfile.mkdtemp(prefix="promotion-gate-pg-"))
+    data, sockets = base / "data", base / "run"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sockets, "postgres")
+    user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
+    subprocess.run(_as_postgres_user([str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A", "trust",
+                                      "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
+    port = free_port()
+    log_file = base / "postgres.log"
+    subprocess.run(_as_postgres_user([
+        str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log_file), "-w", "-t", "60", "start",
+        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"]),
+        check=True, capture_output=True)
+    try:
+        yield PostgresServer(port, sockets, bin_dir, user)
+    finally:
+        subprocess.run(_as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty store on each backend: one test suite, both backends."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres")
+    name = "t_" + uuid.uuid4().hex[:16]
+    return server.create_database(name)

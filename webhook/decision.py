@@ -154,7 +154,14 @@ def judge_workload(
     notes: list[str] = []
     gated = environment is not None
 
-    if environment is None and policy.unmapped == "deny":
+    if environment is not None and policy.environments and policy.environment(environment) is None:
+        findings.append(Finding(
+            Reason.NO_ENVIRONMENT, subject,
+            f'namespace "{workload.namespace}" is labelled environment "{environment}", which the policy does not '
+            f"define (defined: {', '.join(policy.environment_names)})",
+        ))
+        gated = False
+    elif environment is None and policy.unmapped == "deny":
         findings.append(Finding(
             Reason.NO_ENVIRONMENT, subject,
             f'namespace "{workload.namespace}" has no environment; label it: kubectl label namespace '

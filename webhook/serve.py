@@ -108,6 +108,7 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
             "loglevel": "info",
             "limit_request_line": 8190,
             "proc_name": "promotion-gate",
+            "control_socket_disable": True,  # no runtime control interface: nothing to protect
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

@@ -1,0 +1,220 @@
+"""The attestation store on both backends (real SQLite files, a real PostgreSQL server)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from tests.promotion_kit import DIGEST, REPOSITORY, Kit, ci_record, envelope, make_kit
+from webhook import dsse, policy, promotion_rules, records
+from webhook.decision import Promotion
+from webhook.store import DuplicateRecord, SqlStore, open_store
+
+
+@pytest.fixture
+def kit(tmp_path: Path) -> Kit:
+    return make_kit(tmp_path / "kit")
+
+
+@pytest.fixture
+def store(store_url: str) -> SqlStore:
+    s = open_store(store_url)
+    s.migrate()
+    return s
+
+
+def rules(kit: Kit) -> policy.Policy:
+    return policy.load(kit.policy_path)
+
+
+def add(store: SqlStore, kit: Kit, record: records.Record, *signers: str) -> promotion_rules.StoredRecord:
+    env = envelope(kit, record, *signers)
+    return store.add_record(rules(kit), env, record, "test")
+
+
+def states(store: SqlStore, kit: Kit) -> dict[str, str]:
+    evaluated = promotion_rules.evaluate(rules(kit), store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
+    return {env: s.state.value for env, s in evaluated.items()}
+
+
+def staging(**changes: object) -> records.Record:
+    return ci_record(**{"environment": "staging", "promoted_from": "ci", **changes})
+
+
+def production(**changes: object) -> records.Record:
+    return ci_record(**{"environment": "production", "promoted_from": "staging", "approvers": ("alice", "bob"),
+                        **changes})
+
+
+def test_seed_story_in_the_store(store: SqlStore, kit: Kit) -> None:
+    add(store, kit, ci_record(), "ci")
+    add(store, kit, staging(), "ci")
+    assert states(store, kit) == {"ci": "promoted", "staging": "promoted", "production": "not-promoted"}
+    with pytest.raises(promotion_rules.RuleViolation) as refused:
+        add(store, kit, production(), "release")
+    assert str(refused.value).startswith(
+        'rule signatures: environment "production" requires 2 signature(s) from distinct trusted keys, found 1')
+    add(store, kit, production(), "release", "approver-b")
+    assert states(store, kit)["production"] == "promoted"
+    revocation = records.Record("revocation", REPOSITORY, DIGEST, "production", None, "2026-11-25T12:00:00Z",
+                                "security", reason="CVE-2026-0001")
+    add(store, kit, revocation, "release")
+    assert states(store, kit) == {"ci": "promoted", "staging": "promoted", "production": "not-promoted"}
+
+
+REFUSALS = {
+    "unknown environment": (lambda: ci_record(environment="qa"), ("ci",), "environment",
+                            'rule environment: environment "qa" is not defined in the policy (defined: ci, staging, '
+                            "production)"),
+    "failed tests": (lambda: ci_record(tests=records.Tests(10, 2)), ("ci",), "evidence.maxTestsFailed",
+                     'rule evidence.maxTestsFailed: "ci" allows at most 0 failed tests; the record has 2'),
+    "no tests": (lambda: ci_record(tests=None), ("ci",), "evidence.tests",
+                 'rule evidence.tests: "ci" requires test results (tests passed/failed) in the record'),
+    "critical finding": (lambda: ci_record(scan=records.Scan("trivy", {"critical": 1, "high": 0})), ("ci",),
+                         "evidence.maxScanFindings.critical",
+                         'rule evidence.maxScanFindings.critical: "ci" allows at most 0 critical scan findings; '
+                         "the record has 1"),
+    "no source": (lambda: ci_record(source=records.Source()), ("ci",), "evidence.requireSource",
+                  'rule evidence.requireSource: "ci" requires the source git commit and CI run id'),
+    "mis-keyed": (lambda: ci_record(), ("outsider",), "signatures",
+                  'rule signatures: environment "ci" requires 1 signature(s) from distinct trusted keys, found 0 '
+                  "(trusted keys: {ci})"),
+    "skipping staging": (lambda: production(), ("release", "approver-a"), "requirePrevious", None),
+    "wrong promotedFrom": (lambda: staging(promoted_from="ci-other"), ("ci",), "promotedFrom",
+                           'rule promotedFrom: records for "staging" must be promoted from "ci", got "ci-other"'),
+    "first env with promotedFrom": (lambda: ci_record(promoted_from="dev"), ("ci",), "promotedFrom",
+                                    'rule promotedFrom: "ci" is the first environment; promotedFrom must be absent, '
+                                    'got "dev"'),
+    "revoking what was never promoted": (
+        lambda: records.Record("revocation", REPOSITORY, DIGEST, "ci", None, "t", "x", reason="r"), ("ci",),
+        "revocation", f'rule revocation: {REPOSITORY}@{DIGEST} was never promoted to "ci"; nothing to revoke'),
+}
+
+
+@pytest.mark.parametrize(("build", "signers", "rule", "message"), REFUSALS.values(), ids=REFUSALS.keys())
+def test_refused_records_leave_nothing_written(store: SqlStore, kit: Kit, build, signers, rule, message) -> None:  # type: ignore[no-untyped-def]
+    before = store.record_count()
+    with pytest.raises(promotion_rules.RuleViolation) as refused:
+        add(store, kit, build(), *signers)
+    assert refused.value.rule == rule
+    if message:
+        assert str(refused.value) == message.replace("{ci}", kit.signing_key("ci").key_id[:12])
+    assert store.record_count() == before
+
+
+def test_skipping_an_environment_is_refused(store: SqlStore, kit: Kit) -> None:
+    add(store, kit, ci_record(), "ci")
+    with pytest.raises(promotion_rules.RuleViolation) as refused:
+        add(store, kit, production(), "release", "approver-a")
+    assert str(refused.value) == (f'rule requirePrevious: {REPOSITORY}@{DIGEST} has no valid record in "staging"; '
+                                  'promote it to "staging" first (no skipping)')
+
+
+def test_duplicate_envelope_is_refused(store: SqlStore, kit: Kit) -> None:
+    record = ci_record()
+    env = envelope(kit, record, "ci")
+    store.add_record(rules(kit), env, record, "test")
+    with pytest.raises(DuplicateRecord):
+        store.add_record(rules(kit), env, record, "test")
+    assert store.record_count() == 1
+
+
+def test_one_key_signing_twice_counts_once(store: SqlStore, kit: Kit) -> None:
+    add(store, kit, ci_record(), "ci")
+    add(store, kit, staging(), "ci")
+    record = production()
+    env = envelope(kit, record, "release")
+    doubled = dsse.Envelope(env.payload_type, env.payload, (*env.signatures, dsse.Signature("", env.signatures[0].sig)))
+    with pytest.raises(promotion_rules.RuleViolation, match="found 1"):
+        store.add_record(rules(kit), doubled, record, "test")
+
+
+def test_forged_payload_does_not_verify(store: SqlStore, kit: Kit) -> None:
+    # Signed for one digest, payload edited to another: the signature no longer covers it.
+    record = ci_record()
+    env = envelope(kit, record, "ci")
+    forged_record = ci_record(digest="sha256:" + "e" * 64)
+    forged = dsse.Envelope(env.payload_type, records.payload(forged_record), env.signatures)
+    with pytest.raises(promotion_rules.RuleViolation, match="found 0"):
+        store.add_record(rules(kit), forged, forged_record, "test")
+
+
+def test_re_signed_by_an_untrusted_key_claiming_a_trusted_keyid(store: SqlStore, kit: Kit) -> None:
+    record = ci_record()
+    env = envelope(kit, record, "outsider")
+    claimed = kit.signing_key("ci").key_id
+    resigned = dsse.Envelope(env.payload_type, env.payload, (dsse.Signature(claimed, env.signatures[0].sig),))
+    with pytest.raises(promotion_rules.RuleViolation, match="found 0"):
+        store.add_record(rules(kit), resigned, record, "test")
+
+
+def test_key_removed_from_policy_makes_records_untrusted(store: SqlStore, kit: Kit, tmp_path: Path) -> None:
+    add(store, kit, ci_record(), "ci")
+    add(store, kit, staging(), "ci")
+    document = policy.yaml.safe_load(kit.policy_path.read_text())
+    document["environments"][1]["trustedKeys"] = ["release"]  # ci key no longer trusted for staging
+    stricter = policy.parse(document, base_dir=tmp_path)
+    evaluated = promotion_rules.evaluate(stricter, store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
+    assert evaluated["staging"].state is Promotion.UNTRUSTED
+    assert evaluated["staging"].detail.startswith('environment "staging" requires 1 signature(s) from distinct '
+                                                  "trusted keys, found 0")
+
+
+def test_revoking_staging_breaks_the_chain_to_production(store: SqlStore, kit: Kit) -> None:
+    add(store, kit, ci_record(), "ci")
+    add(store, kit, staging(), "ci")
+    add(store, kit, production(), "release", "approver-a")
+    add(store, kit, records.Record("revocation", REPOSITORY, DIGEST, "staging", None, "t", "sec", reason="r"), "ci")
+    evaluated = promotion_rules.evaluate(rules(kit), store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
+    assert evaluated["production"].state is Promotion.UNTRUSTED
+    assert evaluated["production"].detail == 'chain broken: no valid record in "staging" for this digest'
+
+
+def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> None:
+    add(store, kit, ci_record(), "ci")
+    for statement in ("UPDATE records SET environment = 'production'", "DELETE FROM records"):
+        with pytest.raises(sa.exc.DatabaseError, match="append-only"), store.write_engine.begin() as conn:
+            conn.execute(sa.text(statement))
+    assert store.record_count() == 1
+
+
+def test_migrations_are_idempotent(store_url: str) -> None:
+    first = open_store(store_url)
+    assert first.migrate() == first.migrate() == 2
+    with first.engine.connect() as conn:
+        versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).scalars().all()
+    assert versions == [1, 2]
+
+
+def test_lookup_by_digest_and_environment_is_indexed(store: SqlStore) -> None:
+    with store.engine.connect() as conn:
+        if store.dialect == "sqlite":
+            plan = " ".join(str(r) for r in conn.execute(sa.text(
+                "EXPLAIN QUERY PLAN SELECT * FROM records WHERE digest = 'x'")))
+        else:
+            conn.execute(sa.text("SET enable_seqscan = off"))
+            plan = " ".join(str(r) for r in conn.execute(sa.text(
+                "EXPLAIN SELECT * FROM records WHERE digest = 'x'")))
+    assert "records_by_digest_environment" in plan
+
+
+def test_envelope_verifies_with_securesystemslib(kit: Kit) -> None:
+    """An independent DSSE implementation accepts our envelopes (both key types)."""
+    from securesystemslib.dsse import Envelope as SslibEnvelope
+    from securesystemslib.signer import SSlibKey
+
+    record = ci_record()
+    env = envelope(kit, record, "ci", "approver-b")
+    theirs = SslibEnvelope.from_dict(json.loads(env.dumps()))
+    public_keys = [
+        SSlibKey.from_crypto(kit.signing_key(name).verifying.public_key, keyid=kit.signing_key(name).key_id)
+        for name in ("ci", "approver-b")
+    ]
+    verified = theirs.verify(public_keys, threshold=2)
+    assert set(verified) == {kit.signing_key("ci").key_id, kit.signing_key("approver-b").key_id}
+    assert json.loads(base64.b64decode(env.to_json()["payload"]))["predicateType"] == (
+        "https://promotion-gate.io/promotion/v1")

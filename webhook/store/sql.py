@@ -1,0 +1,309 @@
+"""SQLAlchemy Core implementation of the store, for SQLite and PostgreSQL alike."""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import URL, Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
+
+from webhook import dsse, promotion_rules, records
+from webhook.policy import Policy
+from webhook.promotion_rules import StoredRecord
+from webhook.store import schema
+from webhook.store.errors import DuplicateRecord, StoreError, StoreUnavailable
+
+AUDIT_LOCK_KEY = 0x70676175  # 'pgau': serialises appends to the audit hash chain across replicas
+RECORD_LOCK_KEY = 0x70677263
+PARSED_CACHE_SIZE = 65536
+
+
+def redact(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid store URL>"
+
+
+def _normalise(url: str) -> URL:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid store URL {url!r}: use sqlite:///path/to/file.db or postgresql://…") from exc
+    if parsed.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return parsed.set(drivername="postgresql+psycopg")
+    if parsed.drivername == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            raise StoreError("the SQLite store needs a file: sqlite:///var/promotion-gate.db")
+        return parsed
+    raise StoreError(f"unsupported store {parsed.drivername!r}: use sqlite:///… or postgresql://…")
+
+
+@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
+def _parse_envelope(envelope_json: str) -> tuple[dsse.Envelope, records.Record]:
+    envelope = dsse.parse(envelope_json)
+    return envelope, records.parse_statement(envelope.payload)
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    seq: int
+    event: str
+    prev_hash: str
+    hash: str
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    seq: int
+    event_seq: int
+    event_hash: str
+    created_at: str
+    key_id: str
+    signature: str
+    pruned_before: bool
+
+
+class SqlStore:
+    def __init__(self, url: str) -> None:
+        self.url = _normalise(url)
+        self.dialect = "sqlite" if self.url.drivername == "sqlite" else "postgresql"
+        self._write_lock = threading.Lock()  # in-process writers queue here instead of on the DB lock
+        if self.dialect == "sqlite":
+            Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            self.engine = self._sqlite_engine(immediate=False)
+            self.write_engine = self._sqlite_engine(immediate=True)
+        else:
+            connect_args = {"connect_timeout": 5, "options": "-c statement_timeout=10000"}
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                                           connect_args=connect_args)
+            self.write_engine = self.engine
+
+    def _sqlite_engine(self, *, immediate: bool) -> Engine:
+        engine = sa.create_engine(self.url, connect_args={"timeout": 10, "check_same_thread": False},
+                                  pool_size=8, max_overflow=8)
+
+        @sa_event.listens_for(engine, "connect")
+        def on_connect(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+            cursor = dbapi_connection.cursor()
+            # WAL + synchronous=FULL: a committed (acknowledged) write survives a crash or power loss.
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=FULL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @sa_event.listens_for(engine, "begin")
+        def on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+        if self.write_engine is not self.engine:
+            self.write_engine.dispose()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _reading(self) -> Iterator[Connection]:
+        try:
+            with self.engine.connect() as conn:
+                yield conn
+        except OperationalError as exc:
+            raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"store error: {exc}") from exc
+
+    @contextmanager
+    def _writing(self, lock_key: int) -> Iterator[Connection]:
+        with self._write_lock:
+            try:
+                with self.write_engine.begin() as conn:
+                    if self.dialect == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key})
+                    yield conn
+            except (IntegrityError, DuplicateRecord):
+                raise
+            except OperationalError as exc:
+                raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
+            except SQLAlchemyError as exc:
+                raise StoreError(f"store error: {exc}") from exc
+
+    def migrate(self) -> int:
+        """Bring the schema up to date; safe to run from several replicas at once."""
+        try:
+            with self.write_engine.begin() as conn:
+                if self.dialect == "postgresql":
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": RECORD_LOCK_KEY})
+                schema.schema_version.create(conn, checkfirst=True)
+                current = conn.execute(sa.select(sa.func.max(schema.schema_version.c.version))).scalar() or 0
+                for version, migration in enumerate(schema.MIGRATIONS, start=1):
+                    if version > current:
+                        migration(conn)
+                        conn.execute(schema.schema_version.insert().values(version=version))
+                return len(schema.MIGRATIONS)
+        except OperationalError as exc:
+            raise StoreError(f"cannot open store {redact(str(self.url))}: {exc.orig or exc}") from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(f"migration failed: {exc}") from exc
+
+    def ping(self) -> None:
+        with self._reading() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
+    # --- records ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stored(row: Any) -> StoredRecord:
+        envelope, record = _parse_envelope(row.envelope)
+        return StoredRecord(row.seq, row.id, record, envelope, row.submitted_by, row.recorded_at)
+
+    def add_record(self, policy: Policy, envelope: dsse.Envelope, record: records.Record, submitted_by: str,
+                   *, check: Callable[[Policy, dsse.Envelope, records.Record, Sequence[StoredRecord]], None]
+                   = promotion_rules.check_acceptance) -> StoredRecord:
+        """Check the promotion rules and append, in one transaction: all or nothing."""
+        record_id = records.record_id(envelope)
+        envelope_json = envelope.dumps()
+        with self._writing(RECORD_LOCK_KEY) as conn:
+            if conn.execute(sa.select(schema.records.c.seq).where(schema.records.c.id == record_id)).first():
+                raise DuplicateRecord(record_id)
+            existing = [self._stored(r) for r in conn.execute(
+                sa.select(schema.records).where(schema.records.c.digest == record.digest)
+                .order_by(schema.records.c.seq))]
+            check(policy, envelope, record, existing)
+            recorded_at = records.now()
+            try:
+                result = conn.execute(schema.records.insert().values(
+                    id=record_id, kind=record.kind, repository=record.repository, digest=record.digest,
+                    environment=record.environment, recorded_at=recorded_at, submitted_by=submitted_by,
+                    envelope=envelope_json))
+            except IntegrityError as exc:
+                raise DuplicateRecord(record_id) from exc
+            seq = result.inserted_primary_key[0] if result.inserted_primary_key else 0
+        return StoredRecord(int(seq), record_id, record, envelope, submitted_by, recorded_at)
+
+    def records_for_digest(self, digest: str) -> list[StoredRecord]:
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(schema.records).where(schema.records.c.digest == digest)
+                                .order_by(schema.records.c.seq)).all()
+        return [self._stored(r) for r in rows]
+
+    def find_records(self, *, repository: str | None = None, digest: str | None = None,
+                     environment: str | None = None, limit: int = 100, after: int = 0) -> list[StoredRecord]:
+        query = sa.select(schema.records).where(schema.records.c.seq > after)
+        if repository:
+            query = query.where(schema.records.c.repository == repository)
+        if digest:
+            query = query.where(schema.records.c.digest == digest)
+        if environment:
+            query = query.where(schema.records.c.environment == environment)
+        with self._reading() as conn:
+            rows = conn.execute(query.order_by(schema.records.c.seq).limit(limit)).all()
+        return [self._stored(r) for r in rows]
+
+    def record_count(self) -> int:
+        with self._reading() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(schema.records)).scalar() or 0)
+
+    def bulk_insert_raw(self, rows: list[dict[str, Any]]) -> None:
+        """Benchmark seeding only: insert pre-built rows without the rule check."""
+        with self._writing(RECORD_LOCK_KEY) as conn:
+            conn.execute(schema.records.insert(), rows)
+
+    # --- audit chain --------------------------------------------------------------------------
+
+    def append_audit(self, build: Callable[[int, str], tuple[str, str]], *, time: str, uid: str, namespace: str,
+                     username: str, allowed: bool, reasons: str, digests: Sequence[str]) -> AuditRow:
+        """Append one event to the chain. ``build(seq, prev_hash)`` returns (event_json, hash)."""
+        with self._writing(AUDIT_LOCK_KEY) as conn:
+            head = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.hash)
+                                .order_by(schema.audit_events.c.seq.desc()).limit(1)).first()
+            if head is None:
+                checkpoint = conn.execute(sa.select(schema.audit_checkpoints)
+                                          .order_by(schema.audit_checkpoints.c.seq.desc()).limit(1)).first()
+                seq, prev = (checkpoint.event_seq + 1, checkpoint.event_hash) if checkpoint else (1, "0" * 64)
+            else:
+                seq, prev = head.seq + 1, head.hash
+            event_json, digest = build(seq, prev)
+            conn.execute(schema.audit_events.insert().values(
+                seq=seq, time=time, uid=uid, namespace=namespace, username=username, allowed=allowed,
+                reasons=reasons, event=event_json, prev_hash=prev, hash=digest))
+            if digests:
+                conn.execute(schema.audit_images.insert(), [{"event_seq": seq, "digest": d} for d in set(digests)])
+        return AuditRow(seq, event_json, prev, digest)
+
+    def audit_head(self) -> tuple[int, str] | None:
+        with self._reading() as conn:
+            row = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.hash)
+                               .order_by(schema.audit_events.c.seq.desc()).limit(1)).first()
+        return (int(row.seq), str(row.hash)) if row else None
+
+    def audit_rows(self, *, after: int = 0, limit: int = 1000) -> list[AuditRow]:
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.event,
+                                          schema.audit_events.c.prev_hash, schema.audit_events.c.hash)
+                                .where(schema.audit_events.c.seq > after)
+                                .order_by(schema.audit_events.c.seq).limit(limit)).all()
+        return [AuditRow(r.seq, r.event, r.prev_hash, r.hash) for r in rows]
+
+    def query_audit(self, *, since: str | None = None, until: str | None = None, namespace: str | None = None,
+                    user: str | None = None, digest: str | None = None, reason: str | None = None,
+                    allowed: bool | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        t = schema.audit_events
+        query = sa.select(t.c.event)
+        if since:
+            query = query.where(t.c.time >= since)
+        if until:
+            query = query.where(t.c.time < until)
+        if namespace:
+            query = query.where(t.c.namespace == namespace)
+        if user:
+            query = query.where(t.c.username == user)
+        if allowed is not None:
+            query = query.where(t.c.allowed == allowed)
+        if reason:
+            query = query.where(sa.or_(t.c.reasons == reason, t.c.reasons.like(f"{reason},%"),
+                                       t.c.reasons.like(f"%,{reason}"), t.c.reasons.like(f"%,{reason},%")))
+        if digest:
+            query = query.where(t.c.seq.in_(sa.select(schema.audit_images.c.event_seq)
+                                            .where(schema.audit_images.c.digest == digest)))
+        with self._reading() as conn:
+            rows = conn.execute(query.order_by(t.c.seq).limit(limit)).all()
+        return [json.loads(r.event) for r in rows]
+
+    def add_checkpoint(self, event_seq: int, event_hash: str, created_at: str, key_id: str, signature: str,
+                       *, pruned_before: bool = False) -> None:
+        with self._writing(AUDIT_LOCK_KEY) as conn:
+            conn.execute(schema.audit_checkpoints.insert().values(
+                event_seq=event_seq, event_hash=event_hash, created_at=created_at, key_id=key_id,
+                signature=signature, pruned_before=pruned_before))
+
+    def checkpoints(self) -> list[Checkpoint]:
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(schema.audit_checkpoints).order_by(schema.audit_checkpoints.c.seq)).all()
+        return [Checkpoint(r.seq, r.event_seq, r.event_hash, r.created_at, r.key_id, r.signature,
+                           bool(r.pruned_before)) for r in rows]
+
+    def prune_audit(self, up_to_seq: int) -> int:
+        """Delete events up to a checkpointed event (inclusive); the checkpoint anchors what remains."""
+        with self._writing(AUDIT_LOCK_KEY) as conn:
+            conn.execute(schema.audit_images.delete().where(schema.audit_images.c.event_seq <= up_to_seq))
+            result = conn.execute(schema.audit_events.delete().where(schema.audit_events.c.seq <= up_to_seq))
+            conn.execute(schema.audit_checkpoints.update()
+                         .where(schema.audit_checkpoints.c.event_seq == up_to_seq).values(pruned_before=True))
+            return int(result.rowcount or 0)
+
+
+def open_store(url: str) -> SqlStore:
+    return SqlStore(url)

@@ -1,0 +1,96 @@
+"""The admission path's view of the store: a deadline, verified-verdict caching, fail-closed.
+
+Records are immutable, so the expensive part — signature verification — is memoised per record id
+for the life of the process (the policy, and so the trusted keys, is fixed per process). Each lookup
+still reads the digest's rows so that a revocation is honoured at once; only when the store does not
+answer within the deadline does a cached verdict younger than ``cache_seconds`` stand in, and
+otherwise the answer is ``store-unavailable``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+
+from webhook import promotion_rules
+from webhook.decision import Promotion, PromotionStatus
+from webhook.metrics import Metrics
+from webhook.policy import Environment, Policy
+from webhook.promotion_rules import StoredRecord
+from webhook.store.errors import StoreError
+from webhook.store.sql import SqlStore
+
+VERIFIED_CACHE_SIZE = 100_000
+VERDICT_CACHE_SIZE = 50_000
+
+
+class _Lru(OrderedDict[tuple[str, ...], object]):
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def get_item(self, key: tuple[str, ...]) -> object | None:
+        with self._lock:
+            value = self.get(key)
+            if value is not None:
+                self.move_to_end(key)
+            return value
+
+    def put(self, key: tuple[str, ...], value: object) -> None:
+        with self._lock:
+            self[key] = value
+            self.move_to_end(key)
+            while len(self) > self._size:
+                self.popitem(last=False)
+
+
+class CachedRecordView:
+    def __init__(self, store: SqlStore, policy: Policy, metrics: Metrics, *, workers: int = 8) -> None:
+        self._store = store
+        self._policy = policy
+        self._metrics = metrics
+        self._deadline = policy.store_timeout_seconds
+        self._ttl = policy.cache_seconds
+        self._verified = _Lru(VERIFIED_CACHE_SIZE)
+        self._verdicts = _Lru(VERDICT_CACHE_SIZE)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
+
+    def _verify(self, stored: StoredRecord, environment: Environment) -> frozenset[str]:
+        key = (stored.id, environment.name)
+        cached = self._verified.get_item(key)
+        if isinstance(cached, frozenset):
+            self._metrics.cache.labels(result="hit").inc()
+            return cached
+        self._metrics.cache.labels(result="miss").inc()
+        verified = promotion_rules.verify_signatures(stored, environment)
+        self._verified.put(key, verified)
+        return verified
+
+    def _lookup(self, repository: str, digest: str) -> dict[str, PromotionStatus]:
+        started = time.perf_counter()
+        try:
+            stored = self._store.records_for_digest(digest)
+        finally:
+            self._metrics.store_latency.observe(time.perf_counter() - started)
+        return promotion_rules.evaluate(self._policy, stored, repository, digest, verifier=self._verify)
+
+    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
+        key = (repository, digest, environment)
+        future = self._pool.submit(self._lookup, repository, digest)
+        try:
+            states = future.result(timeout=self._deadline)
+        except (FutureTimeout, StoreError) as exc:
+            self._metrics.store_errors.labels(operation="lookup").inc()
+            cached = self._verdicts.get_item(key)
+            if isinstance(cached, tuple) and time.monotonic() - cached[0] <= self._ttl:
+                self._metrics.cache.labels(result="stale-served").inc()
+                return cached[1]  # type: ignore[no-any-return]
+            detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
+            return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)
+        status = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+        self._verdicts.put(key, (time.monotonic(), status))
+        return status
