@@ -76,7 +76,7 @@ def _b64(value: Any, where: str) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         try:  # DSSE allows URL-safe base64 too
-            return base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+            return base64.b64decode(value + "=" * (-len(value) % 4), altchars=b"-_", validate=True)
         except (binascii.Error, ValueError) as exc:
             raise EnvelopeError(f"{where} is not valid base64") from exc
 

@@ -1,0 +1,85 @@
+"""The pure policy core, as tables: (request, policy, environment, records) -> verdict."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.reviews import DIGEST, review, workload
+from webhook import admission, decision, policy
+from webhook.decision import Promotion, PromotionStatus
+
+
+class Records:
+    """The store's answers, fixed per test: the core's input, not a stand-in for the store."""
+
+    def __init__(self, answers: dict[str, PromotionStatus]) -> None:
+        self.answers = answers
+
+    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
+        return self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+
+
+POLICY = policy.parse({
+    "apiVersion": "promotion-gate.io/v1", "kind": "Policy",
+    "environments": [{"name": "ci"}, {"name": "staging"}, {"name": "production", "mode": "warn"}],
+    "namespaces": {"unmapped": "deny"},
+    "exemptImages": [{"repository": "ghcr.io/acme/tool", "digest": DIGEST}],
+}, base_dir=Path("."))
+IMAGE = f"ghcr.io/acme/api@{DIGEST}"
+
+
+def verdict(image: str, environment: str | None, answers: dict[str, PromotionStatus] | None = None,
+            namespace: str = "shop") -> decision.Verdict:
+    request = admission.parse_review(review(workload("Pod", [image], name="p", namespace=namespace)))
+    return decision.decide(request, POLICY, environment, Records(answers or {}))
+
+
+CASES = {
+    "promoted": (IMAGE, "staging", {"staging": PromotionStatus(Promotion.PROMOTED, ("r1",), ("ci", "staging"))},
+                 True, None),
+    "not promoted": (IMAGE, "staging", {"staging": PromotionStatus(Promotion.NOT_PROMOTED, promoted_to=("ci",))},
+                     False, f'[not-promoted] Pod shop/p spec.containers[0] "c0": {IMAGE} has no promotion record for '
+                            f'environment "staging" (promoted to: ci). Promote it: promotion-gate promote {IMAGE} '
+                            "--to staging"),
+    "untrusted": (IMAGE, "staging", {"staging": PromotionStatus(Promotion.UNTRUSTED, detail="chain broken")}, False,
+                  f'[untrusted-record] Pod shop/p spec.containers[0] "c0": {IMAGE} has a promotion record for '
+                  'environment "staging" that cannot be trusted: chain broken'),
+    "store down": (IMAGE, "ci", {"ci": PromotionStatus(Promotion.UNAVAILABLE, detail="timed out")}, False,
+                   f'[store-unavailable] Pod shop/p spec.containers[0] "c0": {IMAGE}: the attestation store did not '
+                   "answer in time (timed out); retry, or ask the cluster operator"),
+    "unmapped namespace": (IMAGE, None, {}, False,
+                           '[no-environment] Pod shop/p: namespace "shop" has no environment; label it: kubectl label '
+                           "namespace shop promotion-gate.io/environment=<ci|staging|production>"),
+    "label names an unknown environment": (IMAGE, "qa", {}, False,
+                                           '[no-environment] Pod shop/p: namespace "shop" is labelled environment '
+                                           '"qa", which the policy does not define (defined: ci, staging, production)'),
+    "exempt repository plus digest": (f"ghcr.io/acme/tool@{DIGEST}", "ci", {}, True, None),
+    "exempt repository, other digest": ("ghcr.io/acme/tool@sha256:" + "c" * 64, "ci", {}, False,
+                                        '[not-promoted] Pod shop/p spec.containers[0] "c0": ghcr.io/acme/tool@sha256:'
+                                        + "c" * 64 + ' has no promotion record for environment "ci" (promoted to: '
+                                        "none). Promote it: promotion-gate promote ghcr.io/acme/tool@sha256:"
+                                        + "c" * 64 + " --to ci"),
+}
+
+
+@pytest.mark.parametrize(("image", "environment", "answers", "allowed", "message"), CASES.values(), ids=CASES.keys())
+def test_promotion_gated_admission(image: str, environment: str | None, answers: dict[str, PromotionStatus],
+                                   allowed: bool, message: str | None) -> None:
+    result = verdict(image, environment, answers)
+    assert result.allowed is allowed
+    if message is not None:
+        assert result.message == message
+
+
+def test_admitting_record_ids_are_kept_for_the_audit_event() -> None:
+    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(Promotion.PROMOTED, ("r1",), ("ci", "staging"))})
+    assert [(i.digest, i.record_ids) for i in result.images] == [(DIGEST, ("r1",))]
+
+
+def test_environment_mode_overrides_the_default() -> None:
+    result = verdict(IMAGE, "production", {})
+    assert result.allowed is True
+    assert result.reasons == ("not-promoted", "warn-only")
+    assert result.warnings[0].startswith("[not-promoted] Pod shop/p")

@@ -1,0 +1,144 @@
+"""The record API over real HTTPS: authentication, authorisation, and hostile envelopes."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningServer
+from tests.promotion_kit import DIGEST, Kit, ci_record, envelope, make_kit
+
+
+@pytest.fixture(scope="module")
+def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
+    return make_kit(tmp_path_factory.mktemp("api-kit"))
+
+
+@pytest.fixture(scope="module")
+def gate(kit: Kit, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from tests.conftest import start_server
+
+    root = tmp_path_factory.mktemp("api")
+    server = start_server(root, policy=kit.policy_path.read_text(), store=f"sqlite:///{root / 'store.db'}")
+    yield server
+    server.stop()
+
+
+def post(gate: RunningServer, body: object, token: str | None, *, raw: bytes | None = None):  # type: ignore[no-untyped-def]
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = raw if raw is not None else json.dumps(body).encode()
+    return gate.post("/api/v1/records", data=data, headers=headers)
+
+
+def signed(kit: Kit, **changes: object) -> dict:  # type: ignore[type-arg]
+    return envelope(kit, ci_record(**changes), "ci").to_json()
+
+
+AUTH = {
+    "no token": (None, 401, "authentication required: send 'Authorization: Bearer <token>'"),
+    "wrong token": ("not-a-token", 401, "invalid bearer token"),
+    "reader may not write": ("reader", 403, 'identity "reader" may not write records for environment "ci"'),
+    "release-bot may not write ci": ("release-bot", 403,
+                                     'identity "release-bot" may not write records for environment "ci"'),
+}
+
+
+@pytest.mark.parametrize(("identity", "status", "message"), AUTH.values(), ids=AUTH.keys())
+def test_authorisation_refusals(gate: RunningServer, kit: Kit, identity: str | None, status: int, message: str) -> None:
+    token = kit.token(identity) if identity in ("reader", "release-bot") else identity
+    reply = post(gate, signed(kit, digest="sha256:" + "1" * 64), token)
+    assert reply.status_code == status
+    assert reply.json()["error"] == message
+    if status == 401:
+        assert reply.headers["WWW-Authenticate"] == 'Bearer realm="promotion-gate"'
+
+
+@pytest.mark.parametrize("path", ["/api/v1/records", f"/api/v1/trace/{DIGEST}", "/api/v1/audit",
+                                  "/api/v1/environments"])
+def test_reads_need_a_token(gate: RunningServer, kit: Kit, path: str) -> None:
+    assert gate.get(path).status_code == 401
+    ok = gate.get(path, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert ok.status_code == 200
+
+
+def test_created_duplicate_and_replayed(gate: RunningServer, kit: Kit) -> None:
+    token = kit.token("ci-bot")
+    body = signed(kit, digest="sha256:" + "2" * 64)
+    created = post(gate, body, token)
+    assert created.status_code == 201
+    assert set(created.json()) == {"id", "seq", "kind", "repository", "digest", "environment"}
+    duplicate = post(gate, body, token)
+    assert duplicate.status_code == 409
+    assert duplicate.json()["error"] == f"record {created.json()['id']} is already stored"
+    # Replay: the same envelope presented as if it were for another digest or environment.
+    for expect, message in (({"digest": "sha256:" + "3" * 64}, f"envelope is for digest 'sha256:{'2' * 64}', not "
+                                                                 f"'sha256:{'3' * 64}'"),
+                            ({"environment": "staging"}, "envelope is for environment 'ci', not 'staging'")):
+        replay = post(gate, {"envelope": body, "expect": expect}, token)
+        assert replay.status_code == 422
+        assert replay.json()["error"] == message
+
+
+def tamper(kit: Kit, mutate) -> dict:  # type: ignore[no-untyped-def,type-arg]
+    body = signed(kit, digest="sha256:" + "4" * 64)
+    mutate(body)
+    return body
+
+
+MALFORMED = {
+    "not json": (b"{", 400, "body is not valid JSON"),
+    "array": (b"[]", 400, "malformed envelope: envelope must be a JSON object with payloadType, payload and signatures"),
+    "wrong payloadType": (lambda k: tamper(k, lambda b: b.update(payloadType="text/plain")), 400,
+                          "malformed envelope: envelope payloadType must be 'application/vnd.in-toto+json', got "
+                          "'text/plain'"),
+    "payload not base64": (lambda k: tamper(k, lambda b: b.update(payload="%%%")), 400,
+                           "malformed envelope: envelope payload is not valid base64"),
+    "no signatures": (lambda k: tamper(k, lambda b: b.update(signatures=[])), 400,
+                      "malformed envelope: envelope signatures must be a non-empty list"),
+    "too many signatures": (lambda k: tamper(k, lambda b: b.update(signatures=b["signatures"] * 17)), 400,
+                            "malformed envelope: envelope has more than 16 signatures"),
+    "payload not a statement": (lambda k: tamper(k, lambda b: b.update(payload=base64.b64encode(b"[1]").decode())),
+                                400, "malformed envelope: statement must be an object"),
+    "two subjects": (lambda k: tamper(k, lambda b: b.update(payload=base64.b64encode(json.dumps({
+        "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
+        "subject": [{}, {}], "predicate": {}}).encode()).decode())), 400,
+        "malformed envelope: statement must have exactly one subject (one image digest per record)"),
+    "uppercase digest": (lambda k: tamper(k, lambda b: b.update(payload=base64.b64encode(json.dumps({
+        "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
+        "subject": [{"name": "ghcr.io/acme/api", "digest": {"sha256": "A" * 64}}], "predicate": {}}).encode()
+    ).decode())), 400, "malformed envelope: subject[0].digest must be sha256 (64 lowercase hex) or sha512 (128)"),
+}
+
+
+@pytest.mark.parametrize(("body", "status", "message"), MALFORMED.values(), ids=MALFORMED.keys())
+def test_malformed_envelopes(gate: RunningServer, kit: Kit, body, status: int, message: str) -> None:  # type: ignore[no-untyped-def]
+    raw = body if isinstance(body, bytes) else json.dumps(body(kit)).encode()
+    reply = post(gate, None, kit.token("ci-bot"), raw=raw)
+    assert reply.status_code == status
+    assert reply.json()["error"] == message
+
+
+def test_oversized_envelope_is_413(gate: RunningServer, kit: Kit) -> None:
+    reply = post(gate, None, kit.token("ci-bot"), raw=b'{"payload": "' + b"A" * 300_000 + b'"}')
+    assert reply.status_code == 413
+    assert reply.json()["error"] == "envelope is larger than 262144 bytes"
+
+
+def test_query_by_repository_digest_and_environment(gate: RunningServer, kit: Kit) -> None:
+    token = kit.token("ci-bot")
+    post(gate, signed(kit, digest="sha256:" + "5" * 64, repository="ghcr.io/acme/other"), token)
+    auth = {"Authorization": f"Bearer {kit.token('reader')}"}
+    by_repo = gate.get("/api/v1/records", params={"repository": "ghcr.io/acme/other"}, headers=auth).json()
+    assert [r["digest"] for r in by_repo["records"]] == ["sha256:" + "5" * 64]
+    by_digest = gate.get("/api/v1/records", params={"digest": "sha256:" + "5" * 64, "environment": "ci"},
+                         headers=auth).json()
+    assert len(by_digest["records"]) == 1
+    assert by_digest["records"][0]["envelope"]["payloadType"] == "application/vnd.in-toto+json"
+    bad = gate.get("/api/v1/records", params={"digest": "sha256:xyz"}, headers=auth)
+    assert bad.status_code == 400
+    assert bad.json()["error"] == "digest 'sha256:xyz' is not sha256:<64 hex> or sha512:<128 hex>"

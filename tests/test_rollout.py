@@ -1,0 +1,155 @@
+"""Rollout safety: modes, exemptions (and bypass attempts), break-glass — through the real server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import RunningServer, start_server
+from tests.reviews import DIGEST, review, workload
+
+BASE = {
+    "apiVersion": "promotion-gate.io/v1",
+    "kind": "Policy",
+    "namespaces": {"unmapped": "digest-only", "exempt": ["legacy-batch"], "releaseNamespace": "promotion-gate"},
+    "exemptImages": [
+        {"repository": "registry.k8s.io/pause"},
+        {"repository": "busybox"},  # normalised: docker.io/library/busybox
+        {"repository": "ghcr.io/acme/tool", "digest": DIGEST},
+    ],
+    "breakGlass": {"users": ["oncall@example.com"], "groups": ["platform-oncall"]},
+}
+
+
+def serve(tmp: Path, mode: str) -> RunningServer:
+    return start_server(tmp, policy=yaml.safe_dump({**BASE, "defaultMode": mode}))
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    started = {mode: serve(tmp_path_factory.mktemp(mode), mode) for mode in ("enforce", "warn", "audit")}
+    yield started
+    for server in started.values():
+        server.stop()
+
+
+def judge(server: RunningServer, body: dict) -> dict:  # type: ignore[type-arg]
+    return server.post("/validate", json=body).json()["response"]  # type: ignore[no-any-return]
+
+
+TAGGED = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop")
+LINE = ('[mutable-tag] Deployment shop/api spec.template.spec.containers[0] "c0": image "ghcr.io/acme/api:1.4" is a '
+        "mutable tag; deploy by digest: ghcr.io/acme/api@sha256:<digest>")
+
+
+def test_enforce_denies(servers) -> None:  # type: ignore[no-untyped-def]
+    response = judge(servers["enforce"], review(TAGGED))
+    assert response["allowed"] is False
+    assert response["status"]["message"] == LINE
+
+
+def test_warn_allows_and_returns_each_finding_as_a_warning(servers) -> None:  # type: ignore[no-untyped-def]
+    response = judge(servers["warn"], review(TAGGED))
+    assert response["allowed"] is True
+    assert response["warnings"] == [LINE[:119] + "…"]
+    assert all(len(w) <= 120 for w in response["warnings"])
+
+
+def test_audit_allows_silently(servers) -> None:  # type: ignore[no-untyped-def]
+    response = judge(servers["audit"], review(TAGGED))
+    assert response == {"uid": response["uid"], "allowed": True}
+
+
+@pytest.mark.parametrize("mode", ["enforce", "warn", "audit"])
+def test_every_mode_counts_the_same_findings(servers, mode: str) -> None:  # type: ignore[no-untyped-def]
+    judge(servers[mode], review(workload("Pod", ["count-me:1"], namespace="count")))
+    metrics = servers[mode].get("/metrics").text
+    assert f'environment="",mode="{mode}",reason="mutable-tag"' in metrics
+    logged = [line for line in servers[mode].log().splitlines() if '"count-me:1"' in line]
+    assert len(logged) == 1 and '"reasons":["mutable-tag"' in logged[0]
+
+
+EXEMPT_NAMESPACES = ["kube-system", "kube-public", "kube-node-lease", "promotion-gate", "legacy-batch"]
+
+
+@pytest.mark.parametrize("namespace", EXEMPT_NAMESPACES)
+def test_exempt_namespaces(servers, namespace: str) -> None:  # type: ignore[no-untyped-def]
+    body = review(workload("Pod", ["anything:latest"], namespace=namespace))
+    assert judge(servers["enforce"], body)["allowed"] is True
+    assert '"reasons":["exempt"]' in next(line for line in servers["enforce"].log().splitlines()
+                                          if body["request"]["uid"] in line)
+
+
+EXEMPT_IMAGES = {
+    "exact repository": "registry.k8s.io/pause:3.9",
+    "normalised name": "busybox:1.36",
+    "normalised, fully written": "docker.io/library/busybox",
+    "repository plus digest": f"ghcr.io/acme/tool@{DIGEST}",
+}
+
+
+@pytest.mark.parametrize("image", EXEMPT_IMAGES.values(), ids=EXEMPT_IMAGES.keys())
+def test_exempt_images(servers, image: str) -> None:  # type: ignore[no-untyped-def]
+    body = review(workload("Pod", [image], namespace="shop"))
+    assert judge(servers["enforce"], body)["allowed"] is True
+    assert '"reasons":["exempt"]' in next(line for line in servers["enforce"].log().splitlines()
+                                          if body["request"]["uid"] in line)
+
+
+BYPASSES = {
+    "suffix on the name": "registry.k8s.io/pause-evil:1",
+    "registry lookalike": "registry.k8s.io/pause.evil.example/x:1",
+    "deeper path": "registry.k8s.io/pause/extra:1",
+    "other registry, same path": "evil.example/registry.k8s.io/pause:1",
+    "other namespace on docker hub": "evilcorp/busybox:1",
+    "user-level busybox lookalike": "busybox-evil:1",
+    "exempt repository, tag only": "ghcr.io/acme/tool:1.0",
+}
+
+
+@pytest.mark.parametrize("image", BYPASSES.values(), ids=BYPASSES.keys())
+def test_exemption_bypasses_fail(servers, image: str) -> None:  # type: ignore[no-untyped-def]
+    response = judge(servers["enforce"], review(workload("Pod", [image], namespace="shop")))
+    assert response["allowed"] is False, image
+
+
+GLASS = {"promotion-gate.io/break-glass": "INC-4711 payment outage"}
+
+
+def test_break_glass_for_a_permitted_user(servers) -> None:  # type: ignore[no-untyped-def]
+    body = review(workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop", annotations=GLASS),
+                  user="oncall@example.com")
+    response = judge(servers["enforce"], body)
+    assert response["allowed"] is True
+    assert response["warnings"][0] == ('[break-glass] Deployment shop/api admitted despite 1 finding(s) by '
+                                       '"oncall@example.com": INC-4711 payment outage')
+    event = next(line for line in servers["enforce"].log().splitlines() if body["request"]["uid"] in line)
+    assert '"breakGlass":"INC-4711 payment outage"' in event and '"break-glass"' in event
+    assert 'promotion_gate_break_glass_total{environment="",namespace="shop"} 1.0' in (
+        servers["enforce"].get("/metrics").text)
+
+
+def test_break_glass_through_a_group_and_the_pod_template(servers) -> None:  # type: ignore[no-untyped-def]
+    obj = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop", template_annotations=GLASS)
+    body = review(obj, user="bob@example.com", groups=["system:authenticated", "platform-oncall"])
+    assert judge(servers["enforce"], body)["allowed"] is True
+
+
+REFUSED = {
+    "user not allowed": ("mallory@example.com", GLASS,
+                         'user "mallory@example.com" is not allowed to break glass'),
+    "empty reason": ("oncall@example.com", {"promotion-gate.io/break-glass": "  "},
+                     "the annotation needs a non-empty reason or ticket"),
+}
+
+
+@pytest.mark.parametrize(("user", "annotations", "why"), REFUSED.values(), ids=REFUSED.keys())
+def test_break_glass_refused(servers, user: str, annotations: dict, why: str) -> None:  # type: ignore[no-untyped-def,type-arg]
+    body = review(workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop",
+                           annotations=annotations), user=user)
+    response = judge(servers["enforce"], body)
+    assert response["allowed"] is False
+    assert response["status"]["message"] == (
+        f"{LINE}\n[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
