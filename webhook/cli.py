@@ -12,7 +12,8 @@ import click
 
 from webhook import certs as certs_mod
 from webhook import check as check_mod
-from webhook import decision, policy as policy_mod
+from webhook import decision
+from webhook import policy as policy_mod
 
 EXIT_DENIED = 1
 EXIT_USAGE = 2
@@ -122,7 +123,8 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
           server_key: Path | None, use_kubernetes: bool | None, workers: int, threads: int,
           baseline_endpoint: bool) -> None:
     """Serve the admission webhook (and the record API) over HTTPS."""
-    from webhook import runtime, serve as serve_mod
+    from webhook import runtime
+    from webhook import serve as serve_mod
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
@@ -132,7 +134,8 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     certfile, keyfile = cert_dir / "tls.crt", cert_dir / "tls.key"
     for path in (certfile, keyfile):
         if not path.is_file():
-            raise click.ClickException(f"{path} not found; run 'promotion-gate certs --dir {cert_dir}' or use --dev-certs")
+            raise click.ClickException(
+                f"{path} not found; run 'promotion-gate certs --dir {cert_dir}' or use --dev-certs")
     settings = runtime.Settings(policy=policy, store_url=store, server_key=server_key,
                                 use_kubernetes=use_kubernetes, enable_baseline=baseline_endpoint)
     runtime.preflight(settings)

@@ -45,7 +45,7 @@ def register(main: click.Group) -> None:
     @click.option("--limit", default=1000, show_default=True, type=click.IntRange(1, 100000))
     @backend_options
     @click.pass_context
-    def audit_group(ctx: click.Context, since: str | None, until: str | None, namespace: str | None,
+    def audit_group(ctx: click.Context, /, since: str | None, until: str | None, namespace: str | None,
                     user: str | None, image: str | None, reason: str | None, allowed: bool | None, limit: int,
                     **kw: Any) -> None:
         """Query admission decisions (JSON lines with --output json)."""

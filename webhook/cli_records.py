@@ -137,8 +137,7 @@ def register(main: click.Group) -> None:
         click.option("--tests-passed", type=click.IntRange(min=0)),
         click.option("--tests-failed", type=click.IntRange(min=0)),
         click.option("--scanner", default=""),
-        click.option("--scan-critical", type=click.IntRange(min=0)), click.option("--scan-high", type=click.IntRange(min=0)),
-        click.option("--scan-medium", type=click.IntRange(min=0)), click.option("--scan-low", type=click.IntRange(min=0)),
+        *(click.option(f"--scan-{severity}", type=click.IntRange(min=0)) for severity in records.SEVERITIES),
     ]
     common = [
         click.option("--key", "key_paths", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -232,8 +231,12 @@ def register(main: click.Group) -> None:
         except (dsse.EnvelopeError, records.RecordError) as exc:
             raise click.ClickException(f"malformed envelope: {exc}") from exc
         status, payload = _backend(kw, record.by).submit(envelope, {})
-        click.echo(json.dumps({"status": status, **payload}, indent=2) if kw["output"] == "json"
-                   else (f"stored record {payload.get('id')}" if status == 201 else f"error: {status}: {payload.get('error')}"))
+        if kw["output"] == "json":
+            click.echo(json.dumps({"status": status, **payload}, indent=2))
+        elif status == 201:
+            click.echo(f"stored record {payload.get('id')}")
+        else:
+            click.echo(f"error: {status}: {payload.get('error')}", err=True)
         if status != 201:
             sys.exit(EXIT_REFUSED)
 

@@ -8,8 +8,7 @@ testable as tables and lets the HTTP layer, ``check`` and the benchmarks share o
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from webhook import references, workloads
@@ -178,17 +177,17 @@ def judge_workload(
         if warning:
             warnings.append(warning)
 
-    base = dict(mode=mode, environment=environment, subject=subject, images=tuple(outcomes))
+    base = Verdict(allowed=True, mode=mode, environment=environment, subject=subject, images=tuple(outcomes),
+                   notes=tuple(notes), warnings=tuple(warnings))
     if not findings:
-        return Verdict(allowed=True, notes=tuple(notes), warnings=tuple(warnings), **base)  # type: ignore[arg-type]
+        return base
 
     lines = [f.line for f in findings]
     if mode is Mode.AUDIT:
-        return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
-                       warnings=tuple(warnings), **base)  # type: ignore[arg-type]
+        return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)))
     if mode is Mode.WARN:
-        return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
-                       warnings=(*lines, *warnings), **base)  # type: ignore[arg-type]
+        return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
+                       warnings=(*lines, *warnings))
 
     reason = workload.break_glass
     if reason is not None:
@@ -196,14 +195,12 @@ def judge_workload(
         if permitted and reason.strip():
             note = (f'[break-glass] {subject} admitted despite {len(findings)} finding(s) by "{username}": '
                     f"{reason.strip()}")
-            return Verdict(allowed=True, findings=tuple(findings), notes=(*notes, str(Reason.BREAK_GLASS)),
-                           warnings=(note, *lines, *warnings), break_glass_reason=reason.strip(),
-                           **base)  # type: ignore[arg-type]
+            return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.BREAK_GLASS)),
+                           warnings=(note, *lines, *warnings), break_glass_reason=reason.strip())
         why = (f'user "{username}" is not allowed to break glass' if not permitted
                else "the annotation needs a non-empty reason or ticket")
         lines.append(f"[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
-    return Verdict(allowed=False, findings=tuple(findings), notes=tuple(notes), warnings=tuple(warnings),
-                   message="\n".join(lines), **base)  # type: ignore[arg-type]
+    return replace(base, allowed=False, findings=tuple(findings), message="\n".join(lines))
 
 
 def _exempt(policy: Policy, ref: references.ImageReference) -> bool:
@@ -235,7 +232,7 @@ def _judge_image(
     outcome = ImageOutcome(container.field_path, container.container, container.image, ref.repository,
                            ref.digest or "")
     if _exempt(policy, ref):
-        return None, ImageOutcome(**{**_fields(outcome), "exempt": True}), None
+        return None, replace(outcome, exempt=True), None
     if ref.digest is None:
         implicit = " (no tag: implicitly \"latest\")" if ref.implicit_latest else ""
         return (Finding(Reason.MUTABLE_TAG, subject,
@@ -249,7 +246,7 @@ def _judge_image(
         return None, outcome, warning
     status = records.status(ref.repository, ref.digest, environment)
     if status.state is Promotion.PROMOTED:
-        return None, ImageOutcome(**{**_fields(outcome), "record_ids": status.record_ids}), warning
+        return None, replace(outcome, record_ids=status.record_ids), warning
     pinned = f"{ref.written_name}@{ref.digest}"
     if status.state is Promotion.UNAVAILABLE:
         return (Finding(Reason.STORE_UNAVAILABLE, subject,
@@ -265,6 +262,3 @@ def _judge_image(
                     f"{promoted}). Promote it: promotion-gate promote {pinned} --to {environment}", **where),
             outcome, warning)
 
-
-def _fields(outcome: ImageOutcome) -> Mapping[str, Any]:
-    return {name: getattr(outcome, name) for name in ImageOutcome.__slots__}

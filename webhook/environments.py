@@ -71,7 +71,7 @@ class KubernetesEnvironments:
         label = (ns.metadata.labels or {}).get(ENVIRONMENT_LABEL)
         with self._lock:
             self._labels[namespace] = label
-        return label  # type: ignore[no-any-return]
+        return str(label) if label else None
 
     def _run(self) -> None:
         from kubernetes import watch

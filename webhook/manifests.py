@@ -32,15 +32,9 @@ class Document:
         return f"{self.source} document {self.index}{suffix}"
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """YAML without anchors/aliases: manifests never need them and they enable 'billion laughs'."""
-
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.composer.ComposerError(None, None, "YAML aliases are not allowed in manifests",
-                                              event.start_mark)
-        return super().compose_node(parent, index)
+# Aliases are allowed (real manifests use anchors); PyYAML builds them as shared references, and we
+# only walk the few paths that hold containers, so an alias "bomb" costs neither memory nor time.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def _read(path: str) -> tuple[str, str]:
@@ -80,7 +74,7 @@ def documents(path: str) -> Iterator[Document]:
         if name.endswith(".json") or text.lstrip().startswith(("{", "[")):
             loaded = [json.loads(text)]
         else:
-            loaded = list(yaml.load_all(text, Loader=_NoAliasLoader))  # noqa: S506 - SafeLoader subclass
+            loaded = list(yaml.load_all(text, Loader=_Loader))
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{name} document 1: not valid JSON: {exc.msg} (line {exc.lineno})") from exc
     except yaml.YAMLError as exc:

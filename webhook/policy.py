@@ -127,7 +127,9 @@ def _key_path(path: Any) -> str:
 def _describe(error: jsonschema.ValidationError) -> str:
     where = _key_path(error.absolute_path)
     if error.validator == "additionalProperties":
-        extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        schema = error.schema if isinstance(error.schema, Mapping) else {}
+        instance = error.instance if isinstance(error.instance, Mapping) else {}
+        extra = sorted(set(instance) - set(schema.get("properties", {})))
         names = ", ".join(f"{where}.{k}" if where != "(top level)" else k for k in extra)
         return f"unknown key {names}"
     if error.validator == "required":

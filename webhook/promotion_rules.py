@@ -54,11 +54,6 @@ def _signature_problem(verified: frozenset[str], environment: Environment) -> st
     return None
 
 
-@dataclass(frozen=True)
-class EnvironmentState:
-    status: PromotionStatus
-
-
 def evaluate(
     policy: Policy, stored: Sequence[StoredRecord], repository: str, digest: str,
     verifier: Verifier = verify_signatures,

@@ -188,7 +188,8 @@ def parse_statement(raw: bytes) -> Record:
     tests = None
     if "tests" in pred:
         t = _obj(pred["tests"], "predicate.tests")
-        tests = Tests(_count(t.get("passed"), "predicate.tests.passed"), _count(t.get("failed"), "predicate.tests.failed"))
+        tests = Tests(_count(t.get("passed"), "predicate.tests.passed"),
+                      _count(t.get("failed"), "predicate.tests.failed"))
     scan = None
     if "scan" in pred:
         s = _obj(pred["scan"], "predicate.scan")

@@ -90,8 +90,8 @@ def build_app(settings: Settings) -> Flask:
         from webhook import api as api_mod
         from webhook import keys
         from webhook.store import open_store
-        from webhook.store.views import CachedRecordView
         from webhook.store.audit_chain import ChainedDecisionLog
+        from webhook.store.views import CachedRecordView
 
         store = open_store(settings.store_url)
         records = CachedRecordView(store, settings.policy, metrics)

@@ -59,10 +59,8 @@ def create_app(services: Services) -> Flask:
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
-        if code == 413:
-            message = f"request body is larger than {MAX_BODY_BYTES} bytes"
-        else:
-            message = exc.description or exc.name
+        message = (f"request body is larger than {MAX_BODY_BYTES} bytes" if code == 413
+                   else exc.description or exc.name)
         metrics.malformed.labels(endpoint=request.path[:64], code=str(code)).inc()
         return error(code, message)
 

@@ -49,8 +49,9 @@ class ChainedDecisionLog:
         self._stdout = stdout or audit.StdoutDecisionLog()
 
     def append(self, event: dict[str, object]) -> int:
-        images = event.get("images") or []
-        digests = [str(i["digest"]) for i in images if isinstance(i, dict) and i.get("digest")]  # type: ignore[union-attr]
+        images = event.get("images")
+        digests = [str(i["digest"]) for i in images if isinstance(i, dict) and i.get("digest")] \
+            if isinstance(images, list) else []
 
         def build(seq: int, prev: str) -> tuple[str, str]:
             event["seq"] = seq
@@ -59,7 +60,8 @@ class ChainedDecisionLog:
 
         row = self._store.append_audit(
             build, time=str(event["time"]), uid=str(event["uid"]), namespace=str(event["namespace"]),
-            username=str(event["user"]), allowed=bool(event["allowed"]), reasons=",".join(event["reasons"]),  # type: ignore[arg-type]
+            username=str(event["user"]), allowed=bool(event["allowed"]),
+            reasons=",".join(str(r) for r in event["reasons"]) if isinstance(event["reasons"], list) else "",
             digests=digests)
         if self._key is not None and row.seq % self._policy.audit_checkpoint_every == 0:
             self.checkpoint(row.seq, row.hash)

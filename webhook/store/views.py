@@ -88,9 +88,10 @@ class CachedRecordView:
             cached = self._verdicts.get_item(key)
             if isinstance(cached, tuple) and time.monotonic() - cached[0] <= self._ttl:
                 self._metrics.cache.labels(result="stale-served").inc()
-                return cached[1]  # type: ignore[no-any-return]
+                status: PromotionStatus = cached[1]
+                return status
             detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
             return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)
-        status = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
-        self._verdicts.put(key, (time.monotonic(), status))
-        return status
+        fresh = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+        self._verdicts.put(key, (time.monotonic(), fresh))
+        return fresh

@@ -1,0 +1,93 @@
+"""The policy file: validated once at start-up; a bad key stops the server with a message naming it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from webhook import policy
+
+HEAD = "apiVersion: promotion-gate.io/v1\nkind: Policy\n"
+
+BAD = {
+    "unknown top-level key": (HEAD + "defaultMod: enforce\n", "unknown key defaultMod"),
+    "unknown nested key": (HEAD + "namespaces:\n  unmaped: deny\n", "unknown key namespaces.unmaped"),
+    "bad mode": (HEAD + "defaultMode: enforcing\n", "defaultMode: 'enforcing' is not one of ['enforce', 'warn', 'audit']"),
+    "bad environment mode": (HEAD + "environments:\n  - name: ci\n    mode: loud\n",
+                             "environments[0].mode: 'loud' is not one of ['enforce', 'warn', 'audit']"),
+    "environment name not a DNS label": (HEAD + "environments:\n  - name: Prod\n",
+                                         "environments[0].name: 'Prod' does not match '^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'"),
+    "duplicate environment": (HEAD + "environments:\n  - name: ci\n  - name: ci\n",
+                              "environments[1].name: duplicate environment 'ci'"),
+    "unknown trusted key": (HEAD + "environments:\n  - name: ci\n    trustedKeys: [nobody]\n",
+                            "environments[0].trustedKeys: no key named 'nobody' under keys"),
+    "map to an unknown environment": (HEAD + "namespaces:\n  environments:\n    prod: production\n",
+                                      "namespaces.environments.prod: no environment named 'production'"),
+    "negative timeout": (HEAD + "store:\n  timeoutSeconds: -1\n", "store.timeoutSeconds: -1 is less than or equal to the minimum of 0"),
+    "exempt image with a tag": (HEAD + "exemptImages:\n  - repository: registry.k8s.io/pause:3.9\n",
+                                "exemptImages[0].repository: give the repository without tag or digest (put a digest under 'digest')"),
+    "exempt image digest malformed": (HEAD + "exemptImages:\n  - repository: a\n    digest: sha256:abc\n",
+                                      "exemptImages[0].digest: 'sha256:abc' does not match '^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$'"),
+    "wrong kind": ("apiVersion: promotion-gate.io/v1\nkind: Polcy\n", "kind: 'Policy' was expected"),
+    "missing apiVersion": ("kind: Policy\n", "(top level): 'apiVersion' is a required property"),
+    "not a mapping": ("- a\n- b\n", "the policy must be a YAML mapping with apiVersion and kind"),
+    "not YAML": ("a: [\n", "not valid YAML"),
+    "key file missing": (HEAD + "keys:\n  ci: {publicKeyFile: missing.pub}\n", "keys.ci: "),
+    "key both file and inline": (HEAD + "keys:\n  ci: {publicKeyFile: a, publicKey: b}\n",
+                                 "keys.ci: give exactly one of publicKeyFile or publicKey"),
+    "inline key garbage": (HEAD + "keys:\n  ci: {publicKey: hello}\n", "keys.ci: keys.ci.publicKey: not a PEM public key"),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), BAD.values(), ids=BAD.keys())
+def test_invalid_policy_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(text)
+    with pytest.raises(policy.PolicyError) as error:
+        policy.load(path)
+    assert str(error.value).startswith(f"{path}: ")
+    assert message in str(error.value)
+
+
+def test_oversized_policy_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD + "# " + "x" * (1024 * 1024) + "\n")
+    with pytest.raises(policy.PolicyError, match="file is larger than 1048576 bytes"):
+        policy.load(path)
+
+
+def test_missing_policy_file(tmp_path: Path) -> None:
+    with pytest.raises(policy.PolicyError, match="cannot read policy file: No such file or directory"):
+        policy.load(tmp_path / "nope.yaml")
+
+
+def test_the_documented_example_is_valid(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "tools.dev_setup", str(REPO / "var")], cwd=REPO, check=True,
+                   capture_output=True)
+    loaded = policy.load(REPO / "examples" / "policy.yaml")
+    assert loaded.environment_names == ("ci", "staging", "production")
+    assert loaded.environment("production").required_signatures == 2  # type: ignore[union-attr]
+    assert "promotion-gate" in loaded.exempt_namespaces and "kube-system" in loaded.exempt_namespaces
+
+
+def test_server_refuses_to_start_with_a_bad_policy(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD + "defaultMode: enforcing\n")
+    result = subprocess.run([sys.executable, "-m", "webhook.cli", "serve", "--policy", str(path), "--cert-dir",
+                             str(tmp_path), "--dev-certs"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"Error: {path}: defaultMode: 'enforcing' is not one of "
+                                     "['enforce', 'warn', 'audit']")
+
+
+def test_environments_without_a_store_stop_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(HEAD + "environments:\n  - name: ci\n")
+    result = subprocess.run([sys.executable, "-m", "webhook.cli", "serve", "--policy", str(path), "--cert-dir",
+                             str(tmp_path), "--dev-certs"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert "the policy declares environments, which need a store" in result.stderr
