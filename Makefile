@@ -48,13 +48,14 @@ lint: venv
 	$(BIN)/ruff check webhook tests tools
 	$(BIN)/mypy
 
-unit: venv system-deps
-	$(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+unit: venv system-deps toolchain
+	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
 
 test: venv system-deps toolchain lint
 	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 bench: venv system-deps
+	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	$(BIN)/python -m tools.bench
 
 manifests: venv toolchain
