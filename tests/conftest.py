@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class RunningServer:
 
     def session(self) -> requests.Session:
         session = requests.Session()
+        session.trust_env = False  # REQUESTS_CA_BUNDLE would otherwise override session.verify
         session.verify = str(self.ca)
         return session
 
@@ -152,14 +154,15 @@ def _as_postgres_user(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
 
 
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
-    bin_dir = _postgres_bin()
-    if bin_dir is None:
-        pytest.fail("PostgreSQL server binaries not found; run 'make system-deps' (Debian package postgresql)")
+@contextmanager
+def postgres_server() -> Iterator[PostgresServer]:
+    """Start a throw-away PostgreSQL cluster on loopback; stop and delete it afterwards."""
     import shutil
     import tempfile
 
+    bin_dir = _postgres_bin()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL server binaries not found; run 'make system-deps' (Debian package postgresql)")
     # Not under pytest's 0700 temp root: the postgres user must be able to reach it.
     base = Path(tempfile.mkdtemp(prefix="promotion-gate-pg-"))
     data, sockets = base / "data", base / "run"
@@ -168,20 +171,28 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServe
         shutil.chown(base, "postgres")
         shutil.chown(sockets, "postgres")
     user = "postgres" if os.geteuid() == 0 else os.environ.get("USER", "postgres")
-    subprocess.run(_as_postgres_user([str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A", "trust",
-                                      "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
-    port = free_port()
-    log_file = base / "postgres.log"
-    subprocess.run(_as_postgres_user([
-        str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log_file), "-w", "-t", "60", "start",
-        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"]),
-        check=True, capture_output=True)
     try:
+        subprocess.run(_as_postgres_user([str(bin_dir / "initdb"), "-D", str(data), "-U", user, "-A", "trust",
+                                          "--no-sync", "-E", "UTF8"]), check=True, capture_output=True)
+        port = free_port()
+        subprocess.run(_as_postgres_user([
+            str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(base / "postgres.log"), "-w", "-t", "60", "start",
+            "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"]),
+            check=True, capture_output=True)
         yield PostgresServer(port, sockets, bin_dir, user)
     finally:
         subprocess.run(_as_postgres_user([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
                        capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    try:
+        with postgres_server() as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

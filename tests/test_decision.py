@@ -17,8 +17,8 @@ class Records:
     def __init__(self, answers: dict[str, PromotionStatus]) -> None:
         self.answers = answers
 
-    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
-        return self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+    def statuses(self, subjects: list[tuple[str, str]], environment: str) -> dict[tuple[str, str], PromotionStatus]:
+        return {s: self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED)) for s in subjects}
 
 
 POLICY = policy.parse({

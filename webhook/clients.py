@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -10,7 +11,7 @@ import requests
 
 from webhook import api as api_mod
 from webhook import dsse, promotion_rules, references
-from webhook.decision import Promotion, PromotionStatus
+from webhook.decision import Promotion, PromotionStatus, Subject
 from webhook.policy import Policy
 from webhook.store.errors import StoreError
 
@@ -155,7 +156,10 @@ class BackendRecordView:
     def __init__(self, backend: Backend) -> None:
         self._backend = backend
 
-    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
+        return {subject: self._status(*subject, environment) for subject in subjects}
+
+    def _status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
         try:
             states = self._backend.status(f"{repository}@{digest}")["states"]
         except BackendError as exc:

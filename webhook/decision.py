@@ -8,6 +8,7 @@ testable as tables and lets the HTTP layer, ``check`` and the benchmarks share o
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -43,15 +44,20 @@ class PromotionStatus:
     detail: str = ""
 
 
+Subject = tuple[str, str]  # (normalised repository, digest)
+
+
 class RecordView(Protocol):
-    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus: ...
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
+        """The promotion state of each subject in one environment: one round trip per request."""
+        ...
 
 
 class NoRecords:
     """A view for policies without environments: nothing is ever promoted."""
 
-    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
-        return PromotionStatus(Promotion.NOT_PROMOTED)
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
+        return {subject: PromotionStatus(Promotion.NOT_PROMOTED) for subject in subjects}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +173,17 @@ def judge_workload(
             f"{workload.namespace} promotion-gate.io/environment=<{'|'.join(policy.environment_names) or 'env'}>",
         ))
 
-    for container in candidates:
-        finding, outcome, warning = _judge_image(container, subject, policy, environment if gated else None, records)
+    classified = [(container, references.classify(container.image)) for container in candidates]
+    lookups: Mapping[Subject, PromotionStatus] = {}
+    if gated and environment is not None:
+        pinned = list(dict.fromkeys(
+            (c.reference.repository, c.reference.digest) for _, c in classified
+            if c.reference is not None and c.reference.digest is not None and not _exempt(policy, c.reference)))
+        if pinned:
+            lookups = records.statuses(pinned, environment)
+    for container, classification in classified:
+        finding, outcome, warning = _judge_image(container, classification, subject, policy,
+                                                 environment if gated else None, lookups)
         outcomes.append(outcome)
         if outcome.exempt and str(Reason.EXEMPT) not in notes:
             notes.append(str(Reason.EXEMPT))
@@ -216,14 +231,14 @@ def _exempt(policy: Policy, ref: references.ImageReference) -> bool:
 
 def _judge_image(
     container: workloads.ContainerImage,
+    classified: references.Classification,
     subject: str,
     policy: Policy,
     environment: str | None,
-    records: RecordView,
+    lookups: Mapping[Subject, PromotionStatus],
 ) -> tuple[Finding | None, ImageOutcome, str | None]:
     where = dict(field_path=container.field_path, container=container.container, image=container.image)
     outcome = ImageOutcome(container.field_path, container.container, container.image)
-    classified = references.classify(container.image)
     ref = classified.reference
     if ref is None:
         return (Finding(Reason.INVALID_REFERENCE, subject,
@@ -244,7 +259,7 @@ def _judge_image(
         warning = f'{container.field_path} "{container.container}": tag "{ref.tag}" is ignored, the digest is pulled'
     if environment is None:
         return None, outcome, warning
-    status = records.status(ref.repository, ref.digest, environment)
+    status = lookups.get((ref.repository, ref.digest), PromotionStatus(Promotion.NOT_PROMOTED))
     if status.state is Promotion.PROMOTED:
         return None, replace(outcome, record_ids=status.record_ids), warning
     pinned = f"{ref.written_name}@{ref.digest}"

@@ -13,6 +13,7 @@ both a tag and a digest is pinned: the runtime pulls by digest and the tag is on
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from dataclasses import dataclass
 
@@ -199,8 +200,13 @@ class Classification:
     problem: str | None = None
 
 
+@functools.lru_cache(maxsize=16384)
 def classify(text: str) -> Classification:
-    """Pinned, mutable tag (explicit or implicit ``latest``), or invalid — never raises."""
+    """Pinned, mutable tag (explicit or implicit ``latest``), or invalid — never raises.
+
+    Memoised: the same few images arrive again and again (every Pod of a ReplicaSet), and the
+    result is an immutable value.
+    """
     try:
         ref = parse(text)
     except InvalidReference as exc:

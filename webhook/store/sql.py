@@ -55,6 +55,20 @@ def _parse_envelope(envelope_json: str) -> tuple[dsse.Envelope, records.Record]:
 
 
 @dataclass(frozen=True)
+class AuditEntry:
+    """One event to append; ``build(seq, prev_hash)`` returns (event_json, hash) once its place is known."""
+
+    build: Callable[[int, str], tuple[str, str]]
+    time: str
+    uid: str
+    namespace: str
+    username: str
+    allowed: bool
+    reasons: str
+    digests: Sequence[str]
+
+
+@dataclass(frozen=True)
 class AuditRow:
     seq: int
     event: str
@@ -193,6 +207,16 @@ class SqlStore:
             seq = result.inserted_primary_key[0] if result.inserted_primary_key else 0
         return StoredRecord(int(seq), record_id, record, envelope, submitted_by, recorded_at)
 
+    def records_for_digests(self, digests: Sequence[str]) -> dict[str, list[StoredRecord]]:
+        """All records of several digests in one query (the admission path's single round trip)."""
+        found: dict[str, list[StoredRecord]] = {d: [] for d in digests}
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(schema.records).where(schema.records.c.digest.in_(list(set(digests))))
+                                .order_by(schema.records.c.seq)).all()
+        for row in rows:
+            found[row.digest].append(self._stored(row))
+        return found
+
     def records_for_digest(self, digest: str) -> list[StoredRecord]:
         with self._reading() as conn:
             rows = conn.execute(sa.select(schema.records).where(schema.records.c.digest == digest)
@@ -223,9 +247,11 @@ class SqlStore:
 
     # --- audit chain --------------------------------------------------------------------------
 
-    def append_audit(self, build: Callable[[int, str], tuple[str, str]], *, time: str, uid: str, namespace: str,
-                     username: str, allowed: bool, reasons: str, digests: Sequence[str]) -> AuditRow:
-        """Append one event to the chain. ``build(seq, prev_hash)`` returns (event_json, hash)."""
+    def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRow]:
+        """Append events to the chain in one transaction (one fsync for the whole group)."""
+        if not entries:
+            return []
+        rows: list[AuditRow] = []
         with self._writing(AUDIT_LOCK_KEY) as conn:
             head = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.hash)
                                 .order_by(schema.audit_events.c.seq.desc()).limit(1)).first()
@@ -235,13 +261,20 @@ class SqlStore:
                 seq, prev = (checkpoint.event_seq + 1, checkpoint.event_hash) if checkpoint else (1, "0" * 64)
             else:
                 seq, prev = head.seq + 1, head.hash
-            event_json, digest = build(seq, prev)
-            conn.execute(schema.audit_events.insert().values(
-                seq=seq, time=time, uid=uid, namespace=namespace, username=username, allowed=allowed,
-                reasons=reasons, event=event_json, prev_hash=prev, hash=digest))
-            if digests:
-                conn.execute(schema.audit_images.insert(), [{"event_seq": seq, "digest": d} for d in set(digests)])
-        return AuditRow(seq, event_json, prev, digest)
+            events: list[dict[str, Any]] = []
+            images: list[dict[str, Any]] = []
+            for entry in entries:
+                event_json, digest = entry.build(seq, prev)
+                events.append({"seq": seq, "time": entry.time, "uid": entry.uid, "namespace": entry.namespace,
+                               "username": entry.username, "allowed": entry.allowed, "reasons": entry.reasons,
+                               "event": event_json, "prev_hash": prev, "hash": digest})
+                images.extend({"event_seq": seq, "digest": d} for d in sorted(set(entry.digests)))
+                rows.append(AuditRow(seq, event_json, prev, digest))
+                seq, prev = seq + 1, digest
+            conn.execute(schema.audit_events.insert(), events)
+            if images:
+                conn.execute(schema.audit_images.insert(), images)
+        return rows
 
     def audit_head(self) -> tuple[int, str] | None:
         with self._reading() as conn:

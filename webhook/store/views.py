@@ -12,11 +12,12 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from webhook import promotion_rules
-from webhook.decision import Promotion, PromotionStatus
+from webhook.decision import Promotion, PromotionStatus, Subject
 from webhook.metrics import Metrics
 from webhook.policy import Environment, Policy
 from webhook.promotion_rules import StoredRecord
@@ -70,28 +71,36 @@ class CachedRecordView:
         self._verified.put(key, verified)
         return verified
 
-    def _lookup(self, repository: str, digest: str) -> dict[str, PromotionStatus]:
+    def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, dict[str, PromotionStatus]]:
         started = time.perf_counter()
         try:
-            stored = self._store.records_for_digest(digest)
+            stored = self._store.records_for_digests([digest for _, digest in subjects])
         finally:
             self._metrics.store_latency.observe(time.perf_counter() - started)
-        return promotion_rules.evaluate(self._policy, stored, repository, digest, verifier=self._verify)
+        return {(repository, digest): promotion_rules.evaluate(self._policy, stored.get(digest, []), repository,
+                                                               digest, verifier=self._verify)
+                for repository, digest in subjects}
 
-    def status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
-        key = (repository, digest, environment)
-        future = self._pool.submit(self._lookup, repository, digest)
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
+        future = self._pool.submit(self._lookup, subjects)
         try:
             states = future.result(timeout=self._deadline)
         except (FutureTimeout, StoreError) as exc:
             self._metrics.store_errors.labels(operation="lookup").inc()
-            cached = self._verdicts.get_item(key)
-            if isinstance(cached, tuple) and time.monotonic() - cached[0] <= self._ttl:
-                self._metrics.cache.labels(result="stale-served").inc()
-                status: PromotionStatus = cached[1]
-                return status
             detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
-            return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)
-        fresh = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
-        self._verdicts.put(key, (time.monotonic(), fresh))
-        return fresh
+            return {subject: self._cached(subject, environment, detail) for subject in subjects}
+        now = time.monotonic()
+        answers = {}
+        for subject in subjects:
+            fresh = states[subject].get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+            self._verdicts.put((*subject, environment), (now, fresh))
+            answers[subject] = fresh
+        return answers
+
+    def _cached(self, subject: Subject, environment: str, detail: str) -> PromotionStatus:
+        cached = self._verdicts.get_item((*subject, environment))
+        if isinstance(cached, tuple) and time.monotonic() - cached[0] <= self._ttl:
+            self._metrics.cache.labels(result="stale-served").inc()
+            status: PromotionStatus = cached[1]
+            return status
+        return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)
