@@ -116,9 +116,12 @@ class SqlStore:
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
 
-        @sa_event.listens_for(engine, "begin")
-        def on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        if immediate:
+            # Writers take the write lock up front instead of failing to upgrade a read lock later.
+            # Readers run in autocommit: each of their queries is one statement, atomic in WAL mode.
+            @sa_event.listens_for(engine, "begin")
+            def on_begin(conn: Connection) -> None:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
 

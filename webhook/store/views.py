@@ -59,14 +59,16 @@ class CachedRecordView:
         self._verified = _Lru(VERIFIED_CACHE_SIZE)
         self._verdicts = _Lru(VERDICT_CACHE_SIZE)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
+        self._hit = metrics.cache.labels(result="hit")
+        self._miss = metrics.cache.labels(result="miss")
 
     def _verify(self, stored: StoredRecord, environment: Environment) -> frozenset[str]:
         key = (stored.id, environment.name)
         cached = self._verified.get_item(key)
         if isinstance(cached, frozenset):
-            self._metrics.cache.labels(result="hit").inc()
+            self._hit.inc()
             return cached
-        self._metrics.cache.labels(result="miss").inc()
+        self._miss.inc()
         verified = promotion_rules.verify_signatures(stored, environment)
         self._verified.put(key, verified)
         return verified
