@@ -1,0 +1,225 @@
+"""Registering Promotion Gate with a real API server, the way operators will: from the Helm chart.
+
+The ValidatingWebhookConfiguration is always rendered from ``charts/promotion-gate`` (never written
+by hand here), so these tests also prove the chart's rules, selectors and ``sideEffects`` work.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from kubernetes.client.exceptions import ApiException
+
+from tests.conftest import REPO, RunningServer
+from tests.e2e import manifests
+from tests.e2e.cluster import Cluster
+
+CHART = REPO / "charts" / "promotion-gate"
+WEBHOOK_TEMPLATE = "templates/validatingwebhookconfiguration.yaml"
+WEBHOOK_NAME = "validate.promotion-gate.io"
+RELEASE = "promotion-gate"
+RELEASE_NAMESPACE = "promotion-gate"
+ENFORCE_LABEL = "promotion-gate.io/enforce"  # the chart's opt-in label (webhook.namespaceSelector.mode=optIn)
+ACTIVATION_TIMEOUT = 60.0
+T = TypeVar("T")
+
+# What the webhook process runs with in these tests: no environments yet, so every namespace that is
+# not exempt gets the digest rule only.
+DIGEST_ONLY_POLICY = """\
+apiVersion: promotion-gate.io/v1
+kind: Policy
+namespaces:
+  unmapped: digest-only
+"""
+
+
+def unique_name(prefix: str, limit: int = 63) -> str:
+    """A DNS-label name nobody used before: without controllers, a deleted namespace never goes away."""
+    suffix = secrets.token_hex(3)
+    stem = "".join(c if c.isalnum() else "-" for c in prefix.lower()).strip("-")
+    stem = "-".join(part for part in stem.split("-") if part)[: limit - len(suffix) - 1].rstrip("-")
+    return f"{stem}-{suffix}"
+
+
+def create_namespace(core: Any, prefix: str, labels: dict[str, str] | None = None) -> str:
+    name = unique_name(prefix)
+    metadata = {"name": name, "labels": labels or {"e2e.promotion-gate.io/test": "true"}}
+    core.create_namespace({"apiVersion": "v1", "kind": "Namespace", "metadata": metadata})
+    return name
+
+
+def ca_bundle(server: RunningServer) -> str:
+    return base64.b64encode(server.ca.read_bytes()).decode()
+
+
+def eventually(attempt: Callable[[], T | None], *, timeout: float = ACTIVATION_TIMEOUT, interval: float = 0.5,
+               what: str = "condition") -> T:
+    """Call ``attempt`` until it returns something other than None (caches catch up asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = attempt()
+        if result is not None:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_ready(server: RunningServer, timeout: float = 60.0) -> None:
+    """``/readyz`` turns 200 once the namespace cache has synced from the API server."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = server.get("/readyz")
+        if reply.status_code == 200:
+            return
+        if server.process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(
+                f"webhook server not ready: {reply.status_code} {reply.text}\n{server.log()}")
+        time.sleep(0.2)
+
+
+def chart_template() -> Path:
+    template = CHART / WEBHOOK_TEMPLATE
+    if not template.is_file():
+        raise FileNotFoundError(
+            f"{template} is missing: the end-to-end tests register the webhook from the chart")
+    return template
+
+
+def render_webhook_configuration(cluster: Cluster, *, url: str, ca_bundle: str, release: str = RELEASE,
+                                 failure_policy: str = "Fail", timeout_seconds: int | None = None,
+                                 extra_set: Sequence[str] = ()) -> dict[str, Any]:
+    """``helm template`` of the chart's ValidatingWebhookConfiguration for an out-of-cluster server."""
+    chart_template()
+    args = ["template", release, str(CHART), "--namespace", RELEASE_NAMESPACE,
+            "--show-only", WEBHOOK_TEMPLATE,
+            "--set", f"webhook.url={url}", "--set", f"webhook.caBundle={ca_bundle}",
+            "--set", f"webhook.failurePolicy={failure_policy}"]
+    if timeout_seconds is not None:
+        args += ["--set", f"webhook.timeoutSeconds={timeout_seconds}"]
+    for item in extra_set:
+        args += ["--set", item]
+    if cluster.server_version:
+        args += ["--kube-version", cluster.server_version]
+    documents = [d for d in yaml.safe_load_all(cluster.helm(*args).stdout) if d]
+    assert [d["kind"] for d in documents] == ["ValidatingWebhookConfiguration"], documents
+    return documents[0]  # type: ignore[no-any-return]
+
+
+def apply(cluster: Cluster, document: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-f", "-", input=manifests.to_yaml(document))
+
+
+def wait_until_enforced(cluster: Cluster, core: Any, namespace: str, *, timeout: float = ACTIVATION_TIMEOUT,
+                        expect: str = "denied the request") -> str:
+    """Create a known-bad Pod until the API server refuses it: the webhook is then really in the path.
+
+    A configuration is picked up by the API server asynchronously; anything asserted before this
+    returns could pass only because the webhook was not called yet.
+    """
+    deadline = time.monotonic() + timeout
+    last = ""
+    for attempt in itertools.count():
+        name = f"probe-{attempt}"
+        try:
+            core.create_namespaced_pod(namespace,
+                                       manifests.pod(name, namespace, {"probe": manifests.PROBE_IMAGE}))
+        except ApiException as exc:
+            last = str(exc.body)
+            if expect in last:
+                return last
+        else:
+            core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+            last = f"pod {namespace}/{name} was admitted"
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the webhook did not start refusing {manifests.PROBE_IMAGE} within "
+                                 f"{timeout:.0f}s; last answer: {last}")
+        time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class Gate:
+    """Promotion Gate registered with the cluster: who serves it and under which configuration."""
+
+    cluster: Cluster
+    configuration: str
+    server: RunningServer | None = None  # None when the webhook runs inside the cluster (kind)
+    logs: dict[str, Path] = field(default_factory=dict)
+
+    def unregister(self) -> None:
+        self.cluster.kubectl("delete", "validatingwebhookconfiguration", self.configuration,
+                             "--ignore-not-found", check=False)
+
+
+def register_local(cluster: Cluster, server: RunningServer, *, release: str = RELEASE,
+                   failure_policy: str = "Fail", extra_set: Sequence[str] = ()) -> Gate:
+    document = render_webhook_configuration(cluster, url=f"{server.url}/validate",
+                                            ca_bundle=ca_bundle(server), release=release,
+                                            failure_policy=failure_policy, extra_set=extra_set)
+    apply(cluster, document)
+    return Gate(cluster, document["metadata"]["name"], server, {f"webhook {release}": server.log_path})
+
+
+# --- PROMOTION_GATE_CLUSTER=kind: the webhook runs inside the cluster, installed by the chart. ---------
+# Not exercised on machines without Docker; see docs/e2e.md.
+
+IMAGE_ENV = "PROMOTION_GATE_IMAGE"
+
+
+def _image_values(reference: str) -> dict[str, str]:
+    if "@" in reference:
+        repository, digest = reference.split("@", 1)
+        return {"repository": repository, "digest": digest}
+    repository, _, tag = reference.rpartition(":")
+    if not repository or "/" in tag:
+        return {"repository": reference}
+    return {"repository": repository, "tag": tag}
+
+
+def install_in_cluster(cluster: Cluster, work_dir: Path) -> Gate:
+    """``helm upgrade --install`` the chart with a serving certificate the tests generate (mode provided)."""
+    from webhook import certs
+
+    reference = os.environ.get(IMAGE_ENV, "")
+    if not reference:
+        raise RuntimeError(f"{IMAGE_ENV} must name the promotion-gate image loaded into the kind cluster "
+                           "(docker build -t promotion-gate:e2e . && "
+                           "kind load docker-image promotion-gate:e2e)")
+    service = f"{RELEASE}.{RELEASE_NAMESPACE}.svc"
+    ca_pem, ca_key = certs.new_ca("promotion-gate e2e webhook CA")
+    cert_pem, key_pem = certs.issue(ca_pem, ca_key, (service, f"{service}.cluster.local"))
+    secret = f"{RELEASE}-e2e-tls"
+    cluster.kubectl("create", "namespace", RELEASE_NAMESPACE, check=False)
+    tls_dir = work_dir / "webhook-tls"
+    tls_dir.mkdir(parents=True, exist_ok=True)
+    (tls_dir / "tls.crt").write_bytes(cert_pem)
+    (tls_dir / "tls.key").write_bytes(key_pem)
+    cluster.kubectl("-n", RELEASE_NAMESPACE, "create", "secret", "tls", secret,
+                    f"--cert={tls_dir / 'tls.crt'}", f"--key={tls_dir / 'tls.key'}")
+    values = {
+        "replicaCount": 1,
+        "image": {**_image_values(reference), "pullPolicy": "Never"},
+        "store": {"type": "sqlite"},
+        "operator": {"enabled": False},
+        "podDisruptionBudget": {"enabled": False},
+        "tests": {"enabled": False},
+        "certificates": {"mode": "provided",
+                         "provided": {"secretName": secret, "caBundle": base64.b64encode(ca_pem).decode()}},
+        "policy": {**yaml.safe_load(DIGEST_ONLY_POLICY), "environments": []},
+    }
+    values_file = work_dir / "kind-values.yaml"
+    values_file.write_text(yaml.safe_dump(values, sort_keys=False))
+    cluster.helm("upgrade", "--install", RELEASE, str(CHART), "--namespace", RELEASE_NAMESPACE,
+                 "--values", str(values_file), "--wait", "--timeout", "5m")
+    rendered = render_webhook_configuration(cluster, url="https://unused/validate", ca_bundle="")
+    return Gate(cluster, rendered["metadata"]["name"])
