@@ -352,6 +352,13 @@ def test_a_new_secret_names_the_service(issued: dict[str, bytes]) -> None:
     assert ca.not_valid_after_utc - ca.not_valid_before_utc == 3650 * DAY + dt.timedelta(minutes=5)
 
 
+def test_long_service_and_namespace_names_fit_a_certificate() -> None:
+    settings = tls_rotation.CertificateSettings(namespace="n" * 63, secret_name="tls", service="s" * 63,
+                                                webhook_config="promotion-gate")
+    data = tls_rotation.material(SecretAction.CREATE, None, settings, NOW)
+    assert tls_rotation.plan(data, [data["ca.crt"]], settings.hosts, NOW).action is SecretAction.KEEP
+
+
 def test_renewing_the_serving_certificate_keeps_the_ca(issued: dict[str, bytes]) -> None:
     later = NOW + 61 * DAY
     renewed = tls_rotation.material(SecretAction.RENEW_SERVING, issued, SETTINGS, later)

@@ -146,10 +146,11 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     serve_mod.GunicornServer(options, lambda: runtime.build_app(settings)).run()
 
 
-from webhook import cli_audit, cli_records  # noqa: E402  (commands register themselves on main)
+from webhook import cli_audit, cli_operator, cli_records  # noqa: E402  (commands register themselves on main)
 
 cli_records.register(main)
 cli_audit.register(main)
+cli_operator.register(main)
 
 if __name__ == "__main__":
     main()

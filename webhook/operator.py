@@ -319,13 +319,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     """The operator's handlers, registered on a registry of their own (no import-time globals)."""
     registry = kopf.OperatorRegistry()
 
-    @kopf.on.login(registry=registry)
+    @kopf.on.login(id="login", registry=registry)
     def login(**_: Any) -> kopf.ConnectionInfo:
         return connection_info(config.kube)
 
-    @kopf.on.resume(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.create(GROUP, VERSION, PLURAL, registry=registry)
-    @kopf.on.update(GROUP, VERSION, PLURAL, field="spec", registry=registry)
+    @kopf.on.resume(GROUP, VERSION, PLURAL, id="record", registry=registry)
+    @kopf.on.create(GROUP, VERSION, PLURAL, id="record", registry=registry)
+    @kopf.on.update(GROUP, VERSION, PLURAL, id="record", field="spec", registry=registry)
     def promotion(body: kopf.Body, patch: kopf.Patch, logger: kopf.Logger, **_: Any) -> None:
         # No deletion handler on purpose: deleting a Promotion never touches the store (revocation
         # is an explicit, signed record), and without one kopf adds no finalizer to block deletion.
@@ -348,29 +348,25 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         tasks: list[asyncio.Task[None]] = []
         clients: list[Any] = []
 
-        async def keep_certificates(core: Any, admission: Any) -> None:
+        async def keep_certificates(core: Any, admission: Any, healthy: bool) -> None:
             while True:
-                healthy = await _check_certificates(certificates, core, admission)
                 await asyncio.sleep(config.certificate_interval if healthy else CERTIFICATE_RETRY_SECONDS)
+                healthy = await _check_certificates(certificates, core, admission)
 
-        @kopf.on.startup(registry=registry)
+        @kopf.on.startup(id="certificates", registry=registry)
         async def start_certificates(**_: Any) -> None:
             # kopf timers belong to watched objects; this check is for the whole installation and
             # needs only get/create/update by name, so it is a task owned by the operator's lifecycle.
+            # The first check runs here, before Promotions are watched: webhook pods wait for the Secret.
             from kubernetes import client
 
             api_client = await asyncio.to_thread(config.kube.api_client)
             clients.append(api_client)
             core, admission = client.CoreV1Api(api_client), client.AdmissionregistrationV1Api(api_client)
             healthy = await _check_certificates(certificates, core, admission)
+            tasks.append(asyncio.create_task(keep_certificates(core, admission, healthy), name="certificates"))
 
-            async def later() -> None:
-                await asyncio.sleep(config.certificate_interval if healthy else CERTIFICATE_RETRY_SECONDS)
-                await keep_certificates(core, admission)
-
-            tasks.append(asyncio.create_task(later(), name="certificate rotation"))
-
-        @kopf.on.cleanup(registry=registry)
+        @kopf.on.cleanup(id="certificates", registry=registry)
         async def stop_certificates(**_: Any) -> None:
             for task in tasks:
                 task.cancel()

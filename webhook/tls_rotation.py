@@ -152,6 +152,12 @@ def plan(data: Mapping[str, bytes] | None, ca_bundles: Sequence[bytes] | None, h
     return Plan(action, reason, patch)
 
 
+def _common_name(text: str, *, fallback: str = "promotion-gate") -> str:
+    # X.509 limits a common name to 64 characters; a Service name plus a namespace can be longer. Clients
+    # match the subject alternative names, so the common name is only a label.
+    return text if len(text) <= 64 else fallback[:64]
+
+
 def material(action: SecretAction, data: Mapping[str, bytes] | None, settings: CertificateSettings,
              now: dt.datetime) -> dict[str, bytes]:
     """The Secret's new data for ``action`` (generates keys; everything else is kept)."""
@@ -163,7 +169,7 @@ def material(action: SecretAction, data: Mapping[str, bytes] | None, settings: C
         assert data is not None
         bundle, ca_key = data["ca.crt"], data["ca.key"]
     else:
-        ca_pem, ca_key = certs.new_ca(f"{settings.service}.{settings.namespace} webhook CA", days=settings.ca_days)
+        ca_pem, ca_key = certs.new_ca(_common_name(f"{settings.service} webhook CA"), days=settings.ca_days)
         bundle = ca_pem
         if action is SecretAction.ROTATE_CA and data is not None:
             # Keep trusting the old CA while pods may still serve certificates it signed.
@@ -171,7 +177,8 @@ def material(action: SecretAction, data: Mapping[str, bytes] | None, settings: C
                 if old.not_valid_after_utc > now:
                     bundle += old.public_bytes(serialization.Encoding.PEM)
     signing_ca = x509.load_pem_x509_certificates(bundle)[0].public_bytes(serialization.Encoding.PEM)
-    cert_pem, key_pem = certs.issue(signing_ca, ca_key, settings.hosts, days=settings.serving_days)
+    cert_pem, key_pem = certs.issue(signing_ca, ca_key, settings.hosts, days=settings.serving_days,
+                                    common_name=_common_name(settings.hosts[0], fallback=settings.service))
     return {**kept, "ca.crt": bundle, "ca.key": ca_key, "tls.crt": cert_pem, "tls.key": key_pem}
 
 
