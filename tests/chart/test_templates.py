@@ -169,6 +169,18 @@ def test_serve_arguments_and_environment_exist_in_the_cli(default: Rendered) -> 
     assert {"PROMOTION_GATE_STORE", "PROMOTION_GATE_SERVER_KEY"} <= envvars
 
 
+def test_operator_arguments_and_environment_exist_in_the_cli(default: Rendered) -> None:
+    # The chart and `promotion-gate operator` must agree on every option and environment variable.
+    operator = cli_mod.main.commands["operator"]
+    options = {opt for param in operator.params if isinstance(param, click.Option) for opt in param.opts}
+    container = default.deployment("operator")["spec"]["template"]["spec"]["containers"][0]
+    args = [*container.get("command", []), *container.get("args", [])]
+    assert "operator" in args
+    assert {a for a in args if a.startswith("--")} <= options
+    envvars = {param.envvar for param in operator.params if isinstance(param, click.Option)}
+    assert {e["name"] for e in container.get("env", []) if e["name"].startswith("PROMOTION_GATE_")} <= envvars
+
+
 def test_priority_class_is_configurable() -> None:
     rendered = render({"priorityClassName": "system-cluster-critical"})
     for component in ("webhook", "operator"):
