@@ -89,7 +89,10 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
         reloaders: dict[int, CertificateReloader] = {}
 
         def ssl_context(_conf: Any, _default_factory: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
-            reloader = reloaders.setdefault(os.getpid(), CertificateReloader(o.certfile, o.keyfile))
+            # gunicorn asks for a context per connection: build the reloader once per worker process.
+            reloader = reloaders.get(os.getpid())
+            if reloader is None:
+                reloader = reloaders[os.getpid()] = CertificateReloader(o.certfile, o.keyfile)
             return reloader.current()
 
         settings = {
