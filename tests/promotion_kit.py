@@ -7,6 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -83,15 +84,15 @@ def make_kit(root: Path, **policy_options: object) -> Kit:
     return Kit(root, policy_path)
 
 
-def ci_record(repository: str = REPOSITORY, digest: str = DIGEST, **changes: object) -> records.Record:
-    fields: dict[str, object] = dict(
+def ci_record(repository: str = REPOSITORY, digest: str = DIGEST, **changes: Any) -> records.Record:
+    fields: dict[str, Any] = dict(
         kind="promotion", repository=repository, digest=digest, environment="ci", promoted_from=None,
         at="2026-11-25T10:00:00Z", by="ci-bot", source=records.Source("4f2c9e1", "github.com/acme/payment-api",
                                                                         "run-8812", "https://ci.example/run/8812"),
         tests=records.Tests(120, 0), scan=records.Scan("trivy", {"critical": 0, "high": 0, "medium": 3}),
         approvers=(), reason="build")
     fields.update(changes)
-    return records.Record(**fields)  # type: ignore[arg-type]
+    return records.Record(**fields)
 
 
 def envelope(kit: Kit, record: records.Record, *signers: str) -> dsse.Envelope:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import ssl
+from typing import Any
 
 import pytest
 
@@ -81,8 +82,8 @@ def test_ephemeral_container_added_by_kubectl_debug_is_judged(digest_only_server
 
 
 # Requests that must keep working whatever images the object has.
-def _scaled(obj: dict) -> dict:  # type: ignore[type-arg]
-    copy = json.loads(json.dumps(obj))
+def _scaled(obj: dict[str, Any]) -> dict[str, Any]:
+    copy: dict[str, Any] = json.loads(json.dumps(obj))
     copy["spec"]["replicas"] = 0
     copy["metadata"]["labels"] = {"new": "label"}
     return copy

@@ -22,8 +22,8 @@ def kit(tmp_path: Path) -> Kit:
 
 
 def server_with_events(server_factory, kit: Kit, store_url: str, count: int = 12) -> RunningServer:  # type: ignore[no-untyped-def]
-    gate = server_factory(policy=kit.policy_path.read_text(), store=store_url,
-                          extra=["--server-key", str(kit.key("release"))])
+    gate: RunningServer = server_factory(policy=kit.policy_path.read_text(), store=store_url,
+                                         extra=["--server-key", str(kit.key("release"))])
     for index in range(count):
         namespace = "payments-ci" if index % 2 else "team-x"
         image = f"ghcr.io/acme/app{index}:1" if index % 3 else "ghcr.io/acme/app@sha256:" + f"{index:064x}"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from tests.reviews import DIGEST, review, workload
 from webhook import admission, decision, policy
-from webhook.decision import Promotion, PromotionStatus
+from webhook.decision import Promotion, PromotionStatus, Subject
 
 
 class Records:
@@ -17,7 +18,7 @@ class Records:
     def __init__(self, answers: dict[str, PromotionStatus]) -> None:
         self.answers = answers
 
-    def statuses(self, subjects: list[tuple[str, str]], environment: str) -> dict[tuple[str, str], PromotionStatus]:
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
         return {s: self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED)) for s in subjects}
 
 

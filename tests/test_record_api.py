@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,7 @@ def post(gate: RunningServer, body: object, token: str | None, *, raw: bytes | N
     return gate.post("/api/v1/records", data=data, headers=headers)
 
 
-def signed(kit: Kit, **changes: object) -> dict:  # type: ignore[type-arg]
+def signed(kit: Kit, **changes: Any) -> dict[str, Any]:
     return envelope(kit, ci_record(**changes), "ci").to_json()
 
 

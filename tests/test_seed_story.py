@@ -21,8 +21,9 @@ def kit(tmp_path: Path) -> Kit:
 @pytest.fixture
 def gate(server_factory, kit: Kit, store_url: str, tmp_path: Path) -> RunningServer:  # type: ignore[no-untyped-def]
     server_key = tmp_path / "kit" / "keys" / "ci.pem"  # any key works as the server's checkpoint key
-    return server_factory(policy=kit.policy_path.read_text(), store=store_url,
-                          extra=["--server-key", str(server_key)])
+    server: RunningServer = server_factory(policy=kit.policy_path.read_text(), store=store_url,
+                                           extra=["--server-key", str(server_key)])
+    return server
 
 
 def remote(gate: RunningServer, kit: Kit, identity: str) -> list[str]:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
+import yaml
 
 from tests.promotion_kit import DIGEST, REPOSITORY, Kit, ci_record, envelope, make_kit
 from webhook import dsse, policy, promotion_rules, records
@@ -41,11 +43,11 @@ def states(store: SqlStore, kit: Kit) -> dict[str, str]:
     return {env: s.state.value for env, s in evaluated.items()}
 
 
-def staging(**changes: object) -> records.Record:
+def staging(**changes: Any) -> records.Record:
     return ci_record(**{"environment": "staging", "promoted_from": "ci", **changes})
 
 
-def production(**changes: object) -> records.Record:
+def production(**changes: Any) -> records.Record:
     return ci_record(**{"environment": "production", "promoted_from": "staging", "approvers": ("alice", "bob"),
                         **changes})
 
@@ -155,7 +157,7 @@ def test_re_signed_by_an_untrusted_key_claiming_a_trusted_keyid(store: SqlStore,
 def test_key_removed_from_policy_makes_records_untrusted(store: SqlStore, kit: Kit, tmp_path: Path) -> None:
     add(store, kit, ci_record(), "ci")
     add(store, kit, staging(), "ci")
-    document = policy.yaml.safe_load(kit.policy_path.read_text())
+    document = yaml.safe_load(kit.policy_path.read_text())
     document["environments"][1]["trustedKeys"] = ["release"]  # ci key no longer trusted for staging
     stricter = policy.parse(document, base_dir=tmp_path)
     evaluated = promotion_rules.evaluate(stricter, store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
@@ -205,12 +207,12 @@ def test_lookup_by_digest_and_environment_is_indexed(store: SqlStore) -> None:
 def test_envelope_verifies_with_securesystemslib(kit: Kit) -> None:
     """An independent DSSE implementation accepts our envelopes (both key types)."""
     from securesystemslib.dsse import Envelope as SslibEnvelope
-    from securesystemslib.signer import SSlibKey
+    from securesystemslib.signer import Key, SSlibKey  # type: ignore[attr-defined]
 
     record = ci_record()
     env = envelope(kit, record, "ci", "approver-b")
     theirs = SslibEnvelope.from_dict(json.loads(env.dumps()))
-    public_keys = [
+    public_keys: list[Key] = [
         SSlibKey.from_crypto(kit.signing_key(name).verifying.public_key, keyid=kit.signing_key(name).key_id)
         for name in ("ci", "approver-b")
     ]
