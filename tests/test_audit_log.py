@@ -146,18 +146,27 @@ def test_prune_up_to_a_checkpoint_keeps_the_log_verifiable(server_factory, kit: 
 @pytest.mark.parametrize(("on_failure", "allowed"), [("deny", False), ("allow", True)])
 def test_audit_write_failure_follows_the_policy(server_factory, kit: Kit, store_url: str, on_failure: str,  # type: ignore[no-untyped-def]
                                                 allowed: bool) -> None:
-    document = policy_document(kit.root, extra={"audit": {"onWriteFailure": on_failure}})
+    document = policy_document(kit.root, extra={"audit": {"onWriteFailure": on_failure},
+                                                "exemptImages": [{"repository": "registry.k8s.io/pause"}]})
     kit.policy_path.write_text(yaml.safe_dump(document))
     gate = server_factory(policy=kit.policy_path.read_text(), store=store_url)
     execute(store_url, "DROP TABLE audit_events")  # the log can no longer be written
-    body = review(workload("Pod", ["registry.k8s.io/pause:3.9"], name="p", namespace="kube-system"))
+    body = review(workload("Pod", ["registry.k8s.io/pause:3.9"], name="p", namespace="payments-ci"))
     response = gate.post("/validate", json=body).json()["response"]
     assert response["allowed"] is allowed
     if not allowed:
         assert response["status"]["message"] == (
-            "[store-unavailable] Pod kube-system/p: the decision could not be written to the audit log (store error); "
+            "[store-unavailable] Pod payments-ci/p: the decision could not be written to the audit log (store error); "
             "denied because the policy requires an audit trail. Retry shortly")
     assert "promotion_gate_audit_write_errors_total 1.0" in gate.get("/metrics").text
     # the event is never lost silently: it still reaches stdout, marked
     line = next(line for line in gate.log().splitlines() if body["request"]["uid"] in line and line.startswith("{"))
     assert '"auditStoreError"' in line
+
+    # what must keep working keeps working, even with onWriteFailure: deny
+    tagged = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="legacy", namespace="payments-ci")
+    scaled = {**tagged, "spec": {**tagged["spec"], "replicas": 0}}
+    for never_blocked in (review(None, old=tagged, operation="DELETE"),
+                          review(scaled, old=tagged, operation="UPDATE"),
+                          review(workload("Pod", ["pause:1"], namespace="kube-system"))):
+        assert gate.post("/validate", json=never_blocked).json()["response"]["allowed"] is True

@@ -110,3 +110,29 @@ def test_check_with_environment_against_a_local_store(tmp_path: Path) -> None:
     usage = cli("check", str(manifest), "--environment", "production")
     assert usage.returncode == 2
     assert "--environment needs --server or --store to look up promotion records" in usage.stderr
+
+
+BAD_INVOCATIONS = {
+    "bad policy": (["--policy", "{policy}"], "defaultMode: 'loud' is not one of ['enforce', 'warn', 'audit']"),
+    "server and store": (["--environment", "ci", "--policy", "{good}", "--server", "https://127.0.0.1:1",
+                          "--store", "sqlite:///x.db"],
+                         "give exactly one of --server URL or --store URL"),
+    "store without policy": (["--environment", "ci", "--store", "sqlite:///x.db"],
+                             "--store needs --policy: the promotion rules come from the policy file"),
+    "unsupported store": (["--environment", "ci", "--policy", "{good}", "--store", "mysql://x/y"],
+                          "unsupported store 'mysql': use sqlite:///… or postgresql://…"),
+    "missing token file": (["--environment", "ci", "--server", "https://127.0.0.1:1", "--token-file", "/nope"],
+                           "--token-file /nope: No such file or directory"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INVOCATIONS.values(), ids=BAD_INVOCATIONS.keys())
+def test_bad_invocations_exit_2_without_a_traceback(tmp_path: Path, args: list[str], message: str) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: promotion-gate.io/v1\nkind: Policy\ndefaultMode: loud\n")
+    good = make_kit(tmp_path / "kit").policy_path
+    manifest = write(tmp_path, "pod.yaml", workload("Pod", [IMAGE]))
+    result = cli("check", str(manifest), *[a.format(policy=bad, good=good) for a in args])
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert message in " ".join(result.stderr.split())

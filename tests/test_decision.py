@@ -49,7 +49,7 @@ CASES = {
                   'environment "staging" that cannot be trusted: chain broken'),
     "store down": (IMAGE, "ci", {"ci": PromotionStatus(Promotion.UNAVAILABLE, detail="timed out")}, False,
                    f'[store-unavailable] Pod shop/p spec.containers[0] "c0": {IMAGE}: the attestation store did not '
-                   "answer in time (timed out); retry, or ask the cluster operator"),
+                   "answer (timed out); retry, or ask the cluster operator"),
     "unmapped namespace": (IMAGE, None, {}, False,
                            '[no-environment] Pod shop/p: namespace "shop" has no environment; label it: kubectl label '
                            "namespace shop promotion-gate.io/environment=<ci|staging|production>"),
@@ -84,3 +84,18 @@ def test_environment_mode_overrides_the_default() -> None:
     assert result.allowed is True
     assert result.reasons == ("not-promoted", "warn-only")
     assert result.warnings[0].startswith("[not-promoted] Pod shop/p")
+
+
+def test_labels_mean_nothing_to_a_policy_without_environments() -> None:
+    digest_only = policy.parse({"apiVersion": "promotion-gate.io/v1", "kind": "Policy"}, base_dir=Path("."))
+    request = admission.parse_review(review(workload("Pod", [IMAGE], name="p", namespace="shop")))
+    result = decision.decide(request, digest_only, "production", Records({}))
+    assert result.allowed is True
+
+
+def test_revocation_is_named_in_the_denial() -> None:
+    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(Promotion.NOT_PROMOTED, promoted_to=("ci",),
+                                                                   detail="revoked")})
+    assert result.message == (f'[not-promoted] Pod shop/p spec.containers[0] "c0": {IMAGE} has no promotion record '
+                               f'for environment "staging" (promoted to: ci; revoked from staging). Promote it: '
+                               f"promotion-gate promote {IMAGE} --to staging")

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer
-from tests.promotion_kit import DIGEST, Kit, ci_record, envelope, make_kit
+from tests.conftest import RunningServer, free_port
+from tests.promotion_kit import DIGEST, Kit, ci_record, cli, envelope, make_kit
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,18 @@ def test_query_by_repository_digest_and_environment(gate: RunningServer, kit: Ki
     bad = gate.get("/api/v1/records", params={"digest": "sha256:xyz"}, headers=auth)
     assert bad.status_code == 400
     assert bad.json()["error"] == "digest 'sha256:xyz' is not sha256:<64 hex> or sha512:<128 hex>"
+
+
+@pytest.mark.parametrize("command", [["history", "ghcr.io/acme/api"], ["trace", DIGEST], ["audit"]])
+def test_cli_refused_by_the_server_exits_1(gate: RunningServer, tmp_path: Path, command: list[str]) -> None:
+    token = tmp_path / "wrong.token"
+    token.write_text("not-a-token\n")
+    result = cli(*command, "--server", gate.url, "--token-file", str(token), "--ca-file", str(gate.ca))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {gate.url}: 401 invalid bearer token"
+
+
+def test_cli_unreachable_server_exits_3(tmp_path: Path) -> None:
+    result = cli("history", "ghcr.io/acme/api", "--server", f"https://127.0.0.1:{free_port()}")
+    assert result.returncode == 3
+    assert result.stderr.startswith("error: cannot reach https://127.0.0.1:")

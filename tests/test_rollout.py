@@ -153,3 +153,60 @@ def test_break_glass_refused(servers, user: str, annotations: dict, why: str) ->
     assert response["allowed"] is False
     assert response["status"]["message"] == (
         f"{LINE}\n[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
+
+
+def _owned(obj: dict, kind: str = "ReplicaSet") -> dict:  # type: ignore[type-arg]
+    obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": kind, "name": "api-7d9", "uid": "u",
+                                           "controller": True}]
+    return obj
+
+
+CONTROLLER = "system:serviceaccount:kube-system:replicaset-controller"
+INHERITED = {
+    "pod created by the ReplicaSet controller from a break-glass template": (
+        _owned(workload("Pod", ["ghcr.io/acme/api:1.4"], name="api-7d9-x", namespace="shop", annotations=GLASS)),
+        CONTROLLER, True),
+    "same pod created by a person": (
+        _owned(workload("Pod", ["ghcr.io/acme/api:1.4"], name="api-7d9-x", namespace="shop", annotations=GLASS)),
+        "mallory@example.com", False),
+    "controller identity without an owner": (
+        workload("Pod", ["ghcr.io/acme/api:1.4"], name="api-7d9-x", namespace="shop", annotations=GLASS),
+        CONTROLLER, False),
+    "controller-created pod without the annotation": (
+        _owned(workload("Pod", ["ghcr.io/acme/api:1.4"], name="api-7d9-x", namespace="shop")), CONTROLLER, False),
+}
+
+
+@pytest.mark.parametrize(("obj", "user", "allowed"), INHERITED.values(), ids=INHERITED.keys())
+def test_break_glass_is_carried_by_controllers_to_the_pods(servers, obj: dict, user: str, allowed: bool) -> None:  # type: ignore[no-untyped-def,type-arg]
+    body = review(obj, user=user, groups=["system:serviceaccounts"])
+    assert judge(servers["enforce"], body)["allowed"] is allowed
+
+
+def test_adding_the_annotation_alone_is_judged_in_full(servers) -> None:  # type: ignore[no-untyped-def]
+    # The tag Deployment predates the policy; annotating it changes no image, but it would let its Pods in.
+    old = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop")
+    new = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop", template_annotations=GLASS)
+    refused = judge(servers["enforce"], review(new, old=old, operation="UPDATE", user="mallory@example.com"))
+    assert refused["allowed"] is False
+    assert refused["status"]["message"].endswith(
+        '[break-glass] annotation promotion-gate.io/break-glass ignored: user "mallory@example.com" is not allowed '
+        "to break glass")
+    permitted = judge(servers["enforce"], review(new, old=old, operation="UPDATE", user="oncall@example.com"))
+    assert permitted["allowed"] is True
+
+
+def test_refused_break_glass_is_in_the_audit_event(servers) -> None:  # type: ignore[no-untyped-def]
+    body = review(workload("Pod", ["ghcr.io/acme/api:1.4"], name="p", namespace="shop", annotations=GLASS),
+                  user="mallory@example.com")
+    judge(servers["enforce"], body)
+    event = next(line for line in servers["enforce"].log().splitlines() if body["request"]["uid"] in line)
+    assert '"breakGlassRefused":"user \\"mallory@example.com\\" is not allowed to break glass"' in event
+
+
+def test_unknown_paths_do_not_create_metric_series(servers) -> None:  # type: ignore[no-untyped-def]
+    for path in ("/wp-admin/x.php", "/etc/passwd", "/a/b/c"):
+        assert servers["enforce"].get(path).status_code == 404
+    metrics = servers["enforce"].get("/metrics").text
+    assert 'promotion_gate_malformed_requests_total{code="404",endpoint="other"} 3.0' in metrics
+    assert "wp-admin" not in metrics

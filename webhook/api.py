@@ -122,7 +122,7 @@ def register(store: SqlStore) -> Callable[[Flask, Services], None]:
 
         @api.errorhandler(StoreUnavailable)
         def unavailable(exc: StoreUnavailable) -> Response:
-            return _error(503, f"store unavailable: {str(exc)[:200]}")
+            return _error(503, str(exc)[:200])
 
         @api.errorhandler(StoreError)
         def store_error(exc: StoreError) -> Response:

@@ -22,8 +22,8 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def audit_event(request: AdmissionRequest, verdict: Verdict) -> dict[str, Any]:
-    """The security team's view of one decision; field names are a stable contract (docs/audit.md)."""
+def audit_event(request: AdmissionRequest, verdict: Verdict, policy_digest: str = "") -> dict[str, Any]:
+    """The security team's view of one decision; field names are a stable contract (docs/security.md)."""
     return {
         "time": now_rfc3339(),
         "uid": request.uid,
@@ -53,7 +53,9 @@ def audit_event(request: AdmissionRequest, verdict: Verdict) -> dict[str, Any]:
             for i in verdict.images
         ],
         "breakGlass": verdict.break_glass_reason,
+        "breakGlassRefused": verdict.break_glass_refused,
         "skipped": verdict.skipped,
+        "policy": policy_digest,
     }
 
 
@@ -66,8 +68,9 @@ class DecisionLog(Protocol):
 class StdoutDecisionLog:
     """JSON lines on stdout: cheap, and what every cluster log pipeline already collects."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, policy_digest: str = "") -> None:
         self._stream = stream
+        self._policy_digest = policy_digest
         self._lock = threading.Lock()
 
     def write(self, event: dict[str, Any]) -> None:
@@ -78,13 +81,15 @@ class StdoutDecisionLog:
             stream.flush()
 
     def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
-        self.write(audit_event(request, verdict))
+        self.write(audit_event(request, verdict, self._policy_digest))
         return verdict
 
 
 def audit_failure_verdict(verdict: Verdict, on_failure: str, detail: str) -> Verdict:
     """What the policy says happens when an event cannot be stored (``audit.onWriteFailure``)."""
-    if on_failure == "allow" or not verdict.allowed:
+    # Requests that are never blocked (deletes, unchanged images, exempt namespaces) stay allowed: a
+    # broken audit store must not stop the cluster from scaling down or cleaning up.
+    if on_failure == "allow" or not verdict.allowed or verdict.skipped:
         return verdict
     line = (f"[{Reason.STORE_UNAVAILABLE}] {verdict.subject or 'request'}: the decision could not be written to "
             f"the audit log ({detail}); denied because the policy requires an audit trail. Retry shortly")

@@ -41,7 +41,7 @@ def run(paths: list[str], policy: Policy, environment: str | None, records: deci
                     report.errors.append(f"{doc.where}: {exc}")
                     continue
                 report.checked += 1
-                verdict = decision.judge_workload(workload, workload.images, "", (), policy, environment, records)
+                verdict = decision.judge_workload(workload, workload.images, "", False, policy, environment, records)
                 # Offline, warn/audit modes do not soften the answer: the check says what enforce would do.
                 if verdict.findings:
                     report.denied += 1

@@ -19,12 +19,14 @@ EXIT_DENIED = 1
 EXIT_USAGE = 2
 
 
-def _load_policy(path: Path | None) -> policy_mod.Policy:
+def _load_policy(path: Path | None, *, usage: bool = False) -> policy_mod.Policy:
     if path is None:
         return policy_mod.default_policy()
     try:
         return policy_mod.load(path)
     except policy_mod.PolicyError as exc:
+        if usage:  # for `check`, exit 1 means "would be denied": bad input is 2
+            raise click.BadParameter(str(exc), param_hint="--policy") from exc
         raise click.ClickException(str(exc)) from exc
 
 
@@ -67,17 +69,22 @@ def check(paths: tuple[str, ...], policy_path: Path | None, environment: str | N
     Exit status: 0 when everything would be admitted, 1 when anything would be denied, 2 when input
     cannot be read.
     """
-    policy = _load_policy(policy_path)
+    policy = _load_policy(policy_path, usage=True)
     records: decision.RecordView = decision.NoRecords()
     if environment is not None:
         if policy.environments and policy.environment(environment) is None:
             raise click.UsageError(f"--environment: no environment named {environment!r} in the policy")
         if not (server or store):
             raise click.UsageError("--environment needs --server or --store to look up promotion records")
+        if store and policy_path is None:
+            raise click.UsageError("--store needs --policy: the promotion rules come from the policy file")
         from webhook import clients
 
-        records = clients.record_view(server=server, token_file=token_file, ca_file=ca_file, store=store,
-                                      policy=policy)
+        try:
+            records = clients.record_view(server=server, token_file=token_file, ca_file=ca_file, store=store,
+                                          policy=policy)
+        except clients.BackendError as exc:
+            raise click.UsageError(str(exc)) from exc
     report = check_mod.run(list(paths), policy, environment, records)
     if output == "json":
         emit_json({

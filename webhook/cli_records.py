@@ -40,6 +40,9 @@ def backend_options(func: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(**kwargs: Any) -> Any:
         try:
             return func(**kwargs)
+        except clients.BackendRefused as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_REFUSED)
         except clients.BackendError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(EXIT_UNREACHABLE)
@@ -229,7 +232,8 @@ def register(main: click.Group) -> None:
             envelope = dsse.parse(raw)
             record = records.parse_statement(envelope.payload)
         except (dsse.EnvelopeError, records.RecordError) as exc:
-            raise click.ClickException(f"malformed envelope: {exc}") from exc
+            click.echo(f"error: malformed envelope: {exc}", err=True)
+            sys.exit(EXIT_INPUT)
         status, payload = _backend(kw, record.by).submit(envelope, {})
         if kw["output"] == "json":
             click.echo(json.dumps({"status": status, **payload}, indent=2))

@@ -22,6 +22,10 @@ class BackendError(RuntimeError):
     """The server or store could not be reached (exit status 3)."""
 
 
+class BackendRefused(BackendError):
+    """The server understood and refused (401, 403, 404, 4xx): exit status 1."""
+
+
 class Backend(Protocol):
     def submit(self, envelope: dsse.Envelope, expect: dict[str, str]) -> tuple[int, dict[str, Any]]: ...
     def environments(self) -> list[str]: ...
@@ -73,7 +77,9 @@ class HttpBackend:
     def _get(self, path: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         response = self._request("GET", path, params={k: v for k, v in (params or {}).items() if v is not None})
         data = self._json(response)
-        if response.status_code >= 400:
+        if 400 <= response.status_code < 500:
+            raise BackendRefused(f"{self.server}: {response.status_code} {data.get('error', '')}")
+        if response.status_code >= 500:
             raise BackendError(f"{self.server}: {response.status_code} {data.get('error', '')}")
         return data
 

@@ -83,6 +83,7 @@ class Verdict:
     subject: str = ""
     images: tuple[ImageOutcome, ...] = ()
     break_glass_reason: str | None = None
+    break_glass_refused: str | None = None
     skipped: str = ""  # why the request was not judged (delete, not a workload, unchanged images)
 
     @property
@@ -131,21 +132,28 @@ def decide(
         if old.deleting or workload.deleting:
             return _allowed("object is being deleted", subject=subject)
         # Only images the update introduces are judged: a scale-down, a label change or a finalizer
-        # removal must never be blocked because of what is already running.
-        before = {c.image for c in old.images}
-        candidates = tuple(c for c in workload.images if c.image not in before)
-        if not candidates:
-            return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
+        # removal must never be blocked because of what is already running. Adding or changing the
+        # break-glass annotation is judged in full: it is what the workload's Pods will be admitted by.
+        if old.break_glass == workload.break_glass:
+            before = {c.image for c in old.images}
+            candidates = tuple(c for c in workload.images if c.image not in before)
+            if not candidates:
+                return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
 
-    return judge_workload(workload, candidates, request.user.username, request.user.groups,
-                          policy, environment, records)
+    user = request.user
+    # Pods and ReplicaSets are created by controllers, not by the person who broke glass: a trusted
+    # controller may carry the annotation from the workload it owns, which was itself judged above.
+    permitted = (user.username in policy.break_glass_users
+                 or bool(policy.break_glass_groups.intersection(user.groups))
+                 or (workload.controlled and user.username in policy.break_glass_controllers))
+    return judge_workload(workload, candidates, user.username, permitted, policy, environment, records)
 
 
 def judge_workload(
     workload: workloads.Workload,
     candidates: tuple[workloads.ContainerImage, ...],
     username: str,
-    groups: tuple[str, ...],
+    break_glass_permitted: bool,
     policy: Policy,
     environment: str | None,
     records: RecordView,
@@ -157,7 +165,8 @@ def judge_workload(
     warnings: list[str] = []
     outcomes: list[ImageOutcome] = []
     notes: list[str] = []
-    gated = environment is not None
+    # A policy without environments is digest-only everywhere, whatever the namespaces are labelled.
+    gated = environment is not None and bool(policy.environments)
 
     if environment is not None and policy.environments and policy.environment(environment) is None:
         findings.append(Finding(
@@ -166,7 +175,7 @@ def judge_workload(
             f"define (defined: {', '.join(policy.environment_names)})",
         ))
         gated = False
-    elif environment is None and policy.unmapped == "deny":
+    elif environment is None and policy.unmapped == "deny" and policy.environments:
         findings.append(Finding(
             Reason.NO_ENVIRONMENT, subject,
             f'namespace "{workload.namespace}" has no environment; label it: kubectl label namespace '
@@ -206,7 +215,7 @@ def judge_workload(
 
     reason = workload.break_glass
     if reason is not None:
-        permitted = username in policy.break_glass_users or bool(policy.break_glass_groups.intersection(groups))
+        permitted = break_glass_permitted
         if permitted and reason.strip():
             note = (f'[break-glass] {subject} admitted despite {len(findings)} finding(s) by "{username}": '
                     f"{reason.strip()}")
@@ -215,6 +224,8 @@ def judge_workload(
         why = (f'user "{username}" is not allowed to break glass' if not permitted
                else "the annotation needs a non-empty reason or ticket")
         lines.append(f"[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
+        return replace(base, allowed=False, findings=tuple(findings), message="\n".join(lines),
+                       break_glass_refused=why)
     return replace(base, allowed=False, findings=tuple(findings), message="\n".join(lines))
 
 
@@ -265,13 +276,15 @@ def _judge_image(
     pinned = f"{ref.written_name}@{ref.digest}"
     if status.state is Promotion.UNAVAILABLE:
         return (Finding(Reason.STORE_UNAVAILABLE, subject,
-                        f"{pinned}: the attestation store did not answer in time ({status.detail}); "
+                        f"{pinned}: the attestation store did not answer ({status.detail}); "
                         "retry, or ask the cluster operator", **where), outcome, warning)
     if status.state is Promotion.UNTRUSTED:
         return (Finding(Reason.UNTRUSTED_RECORD, subject,
                         f'{pinned} has a promotion record for environment "{environment}" that cannot be '
                         f"trusted: {status.detail}", **where), outcome, warning)
     promoted = ", ".join(status.promoted_to) or "none"
+    if status.detail == "revoked":
+        promoted += f"; revoked from {environment}"
     return (Finding(Reason.NOT_PROMOTED, subject,
                     f'{pinned} has no promotion record for environment "{environment}" (promoted to: '
                     f"{promoted}). Promote it: promotion-gate promote {pinned} --to {environment}", **where),

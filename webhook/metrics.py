@@ -40,7 +40,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.cache = Counter(
-            "promotion_gate_verdict_cache", "Promotion lookups answered from cache (hit) or store (miss)",
+            "promotion_gate_verdict_cache",
+            "Signature verifications answered from the per-record memo (hit) or computed (miss); stale-served: "
+            "cached verdicts used because the store missed its deadline",
             ["result"], registry=r,
         )
         self.audit_errors = Counter(

@@ -22,6 +22,12 @@ from webhook import keys, references
 
 MAX_POLICY_BYTES = 1024 * 1024
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
+# The identities kube-controller-manager creates ReplicaSets, Pods and Jobs with: its own user, or one
+# service account per controller (--use-service-account-credentials, the kubeadm default).
+DEFAULT_CONTROLLERS = ("system:kube-controller-manager", *(
+    f"system:serviceaccount:kube-system:{name}" for name in (
+        "deployment-controller", "replicaset-controller", "statefulset-controller", "daemon-set-controller",
+        "job-controller", "cronjob-controller", "replication-controller")))
 
 
 class PolicyError(ValueError):
@@ -82,6 +88,7 @@ class Policy:
     exempt_images: tuple[ImageExemption, ...] = ()
     break_glass_users: frozenset[str] = frozenset()
     break_glass_groups: frozenset[str] = frozenset()
+    break_glass_controllers: frozenset[str] = frozenset()
     store_timeout_seconds: float = 2.0
     cache_seconds: float = 30.0
     audit_on_write_failure: str = "deny"
@@ -241,6 +248,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         exempt_images=tuple(exemptions),
         break_glass_users=frozenset(break_glass.get("users", [])),
         break_glass_groups=frozenset(break_glass.get("groups", [])),
+        break_glass_controllers=frozenset(break_glass.get("controllers", DEFAULT_CONTROLLERS)),
         store_timeout_seconds=float(store.get("timeoutSeconds", 2.0)),
         cache_seconds=float(store.get("cacheSeconds", 30.0)),
         audit_on_write_failure=audit.get("onWriteFailure", "deny"),

@@ -84,7 +84,7 @@ def build_app(settings: Settings) -> Flask:
     metrics = Metrics()
     resolver, watcher = _environment_resolver(settings)
     records: decision.RecordView = decision.NoRecords()
-    decision_log: audit.DecisionLog = audit.StdoutDecisionLog()
+    decision_log: audit.DecisionLog = audit.StdoutDecisionLog(policy_digest=settings.policy.digest)
     api = None
     if settings.store_url:
         from webhook import api as api_mod
@@ -97,7 +97,8 @@ def build_app(settings: Settings) -> Flask:
         records = CachedRecordView(store, settings.policy, metrics)
         server_key = keys.load_signing_key(settings.server_key) if settings.server_key else None
         if settings.policy.audit_to_store:
-            decision_log = ChainedDecisionLog(store, settings.policy, metrics, server_key=server_key)
+            decision_log = ChainedDecisionLog(store, settings.policy, metrics, server_key=server_key,
+                                              stdout=audit.StdoutDecisionLog(policy_digest=settings.policy.digest))
         api = api_mod.register(store)
 
     def ready() -> tuple[bool, str]:

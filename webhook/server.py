@@ -22,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 from webhook import admission, decision, workloads
 from webhook.audit import DecisionLog, StdoutDecisionLog
 from webhook.environments import EnvironmentResolver, StaticEnvironments
+from webhook.findings import Finding, Reason
 from webhook.metrics import Metrics
 from webhook.policy import Policy
 
@@ -61,7 +62,9 @@ def create_app(services: Services) -> Flask:
         code = exc.code or 500
         message = (f"request body is larger than {MAX_BODY_BYTES} bytes" if code == 413
                    else exc.description or exc.name)
-        metrics.malformed.labels(endpoint=request.path[:64], code=str(code)).inc()
+        # Only known routes become label values: arbitrary paths from the network must not create series.
+        endpoint = request.url_rule.rule if request.url_rule is not None else "other"
+        metrics.malformed.labels(endpoint=endpoint, code=str(code)).inc()
         return error(code, message)
 
     def read_json() -> Any:
@@ -96,11 +99,11 @@ def create_app(services: Services) -> Flask:
             return error(400, f"malformed AdmissionReview: request.object: {exc}")
         except Exception:  # fail closed, never a 500
             log.exception("unexpected error while judging request %s", review.uid)
-            verdict = decision.Verdict(
-                allowed=False, environment=environment,
-                message="[store-unavailable] internal error while judging the request; it was denied to fail "
-                "closed. Retry, or ask the cluster operator to check the webhook logs",
-            )
+            finding = Finding(Reason.STORE_UNAVAILABLE, f"{review.kind} {review.namespace}/{review.name}",
+                              "internal error while judging the request; it was denied to fail closed. Retry, or "
+                              "ask the cluster operator to check the webhook logs")
+            verdict = decision.Verdict(allowed=False, environment=environment, findings=(finding,),
+                                       message=finding.line)
         verdict = services.decision_log.record(review, verdict)
         for reason in verdict.reasons or ("none",):
             metrics.decisions.labels(

@@ -51,6 +51,7 @@ class Workload:
     images: tuple[ContainerImage, ...]
     annotations: Mapping[str, str]
     deleting: bool
+    controlled: bool = False  # created by a controller (has an ownerReference with controller: true)
 
     @property
     def display_name(self) -> str:
@@ -104,6 +105,9 @@ def extract(obj: Any, *, kind: str | None = None, namespace: str = "", name: str
         # The workload's own annotation wins; the template's is what its Pods will carry.
         annotations = {**template_annotations, **annotations}
     deleting = metadata.get("deletionTimestamp") is not None
+    owners = metadata.get("ownerReferences") or []
+    controlled = isinstance(owners, list) and any(isinstance(o, Mapping) and o.get("controller") is True
+                                                  for o in owners)
     return Workload(
         kind=kind,
         namespace=namespace,
@@ -111,6 +115,7 @@ def extract(obj: Any, *, kind: str | None = None, namespace: str = "", name: str
         images=tuple(_images(root, POD_SPEC_PATHS[kind])),
         annotations=annotations,
         deleting=deleting,
+        controlled=controlled,
     )
 
 

@@ -65,7 +65,8 @@ class ChainedDecisionLog:
         self._writer.start()
 
     @staticmethod
-    def entry(event: dict[str, object]) -> AuditEntry:
+    def entry(original: dict[str, object]) -> AuditEntry:
+        event = dict(original)  # the writer thread owns this copy; the caller may go on changing its own
         images = event.get("images")
         digests = [str(i["digest"]) for i in images if isinstance(i, dict) and i.get("digest")] \
             if isinstance(images, list) else []
@@ -120,7 +121,7 @@ class ChainedDecisionLog:
         self._store.add_checkpoint(seq, event_hash, audit.now_rfc3339(), self._key.key_id, signature)
 
     def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
-        event = audit.audit_event(request, verdict)
+        event = audit.audit_event(request, verdict, self._policy.digest)
         started = time.perf_counter()
         try:
             self.append(event, timeout=self._policy.store_timeout_seconds)
