@@ -83,7 +83,8 @@ def test_environment_mode_overrides_the_default() -> None:
     result = verdict(IMAGE, "production", {})
     assert result.allowed is True
     assert result.reasons == ("not-promoted", "warn-only")
-    assert result.warnings[0].startswith("[not-promoted] Pod shop/p")
+    assert result.warnings[0] == ('[not-promoted] "c0": sha256:aaaaaaaaaaaa… not promoted to production; '
+                                  "promotion-gate promote … --to production")
 
 
 def test_labels_mean_nothing_to_a_policy_without_environments() -> None:

@@ -53,7 +53,8 @@ def test_enforce_denies(servers) -> None:  # type: ignore[no-untyped-def]
 def test_warn_allows_and_returns_each_finding_as_a_warning(servers) -> None:  # type: ignore[no-untyped-def]
     response = judge(servers["warn"], review(TAGGED))
     assert response["allowed"] is True
-    assert response["warnings"] == [LINE[:119] + "…"]
+    assert response["warnings"] == [
+        '[mutable-tag] "c0": "ghcr.io/acme/api:1.4" is a mutable tag; use ghcr.io/acme/api@sha256:<digest>']
     assert all(len(w) <= 120 for w in response["warnings"])
 
 

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from webhook import references, workloads
 from webhook.admission import AdmissionRequest
-from webhook.findings import Finding, Reason
+from webhook.findings import Finding, Reason, warning_line
 from webhook.policy import Mode, Policy
 
 FINDING_REASONS = frozenset(
@@ -173,6 +173,7 @@ def judge_workload(
             Reason.NO_ENVIRONMENT, subject,
             f'namespace "{workload.namespace}" is labelled environment "{environment}", which the policy does not '
             f"define (defined: {', '.join(policy.environment_names)})",
+            short=f'environment "{environment}" is not defined by the policy',
         ))
         gated = False
     elif environment is None and policy.unmapped == "deny" and policy.environments:
@@ -180,6 +181,7 @@ def judge_workload(
             Reason.NO_ENVIRONMENT, subject,
             f'namespace "{workload.namespace}" has no environment; label it: kubectl label namespace '
             f"{workload.namespace} promotion-gate.io/environment=<{'|'.join(policy.environment_names) or 'env'}>",
+            short=f'namespace "{workload.namespace}" has no promotion-gate.io/environment label',
         ))
 
     classified = [(container, references.classify(container.image)) for container in candidates]
@@ -211,7 +213,7 @@ def judge_workload(
         return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)))
     if mode is Mode.WARN:
         return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.WARN_ONLY)),
-                       warnings=(*lines, *warnings))
+                       warnings=(*(warning_line(f) for f in findings), *warnings))
 
     reason = workload.break_glass
     if reason is not None:
@@ -220,7 +222,8 @@ def judge_workload(
             note = (f'[break-glass] {subject} admitted despite {len(findings)} finding(s) by "{username}": '
                     f"{reason.strip()}")
             return replace(base, findings=tuple(findings), notes=(*notes, str(Reason.BREAK_GLASS)),
-                           warnings=(note, *lines, *warnings), break_glass_reason=reason.strip())
+                           warnings=(note, *(warning_line(f) for f in findings), *warnings),
+                           break_glass_reason=reason.strip())
         why = (f'user "{username}" is not allowed to break glass' if not permitted
                else "the annotation needs a non-empty reason or ticket")
         lines.append(f"[break-glass] annotation promotion-gate.io/break-glass ignored: {why}")
@@ -253,7 +256,8 @@ def _judge_image(
     ref = classified.reference
     if ref is None:
         return (Finding(Reason.INVALID_REFERENCE, subject,
-                        f'image "{container.image}" is not a valid reference: {classified.problem}', **where),
+                        f'image "{container.image}" is not a valid reference: {classified.problem}',
+                        short=f'"{container.image}" {classified.problem}', **where),
                 outcome, None)
     outcome = ImageOutcome(container.field_path, container.container, container.image, ref.repository,
                            ref.digest or "")
@@ -263,7 +267,9 @@ def _judge_image(
         implicit = " (no tag: implicitly \"latest\")" if ref.implicit_latest else ""
         return (Finding(Reason.MUTABLE_TAG, subject,
                         f'image "{container.image}" is a mutable tag{implicit}; deploy by digest: '
-                        f"{ref.written_name}@sha256:<digest>", **where),
+                        f"{ref.written_name}@sha256:<digest>",
+                        short=f'"{container.image}" is a mutable tag; use {ref.written_name}@sha256:<digest>',
+                        **where),
                 outcome, None)
     warning = None
     if ref.tag:
@@ -277,16 +283,20 @@ def _judge_image(
     if status.state is Promotion.UNAVAILABLE:
         return (Finding(Reason.STORE_UNAVAILABLE, subject,
                         f"{pinned}: the attestation store did not answer ({status.detail}); "
-                        "retry, or ask the cluster operator", **where), outcome, warning)
+                        "retry, or ask the cluster operator", short=f"store did not answer ({status.detail})",
+                        **where), outcome, warning)
     if status.state is Promotion.UNTRUSTED:
         return (Finding(Reason.UNTRUSTED_RECORD, subject,
                         f'{pinned} has a promotion record for environment "{environment}" that cannot be '
-                        f"trusted: {status.detail}", **where), outcome, warning)
+                        f"trusted: {status.detail}", short=f"{ref.digest[:19]}… record for {environment} not trusted",
+                        **where), outcome, warning)
     promoted = ", ".join(status.promoted_to) or "none"
     if status.detail == "revoked":
         promoted += f"; revoked from {environment}"
     return (Finding(Reason.NOT_PROMOTED, subject,
                     f'{pinned} has no promotion record for environment "{environment}" (promoted to: '
-                    f"{promoted}). Promote it: promotion-gate promote {pinned} --to {environment}", **where),
+                    f"{promoted}). Promote it: promotion-gate promote {pinned} --to {environment}",
+                    short=f"{ref.digest[:19]}… not promoted to {environment}; promotion-gate promote … --to "
+                          f"{environment}", **where),
             outcome, warning)
 

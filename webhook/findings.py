@@ -30,6 +30,7 @@ class Finding:
     field_path: str = ""
     container: str = ""
     image: str = ""
+    short: str = ""  # the fix in a few words, for warnings (kubectl already names the object)
 
     @property
     def line(self) -> str:
@@ -41,7 +42,12 @@ class Finding:
         return f"[{self.reason}] {where}: {self.message}"
 
 
-def short_line(finding: Finding, limit: int = 120) -> str:
-    """A warning-sized form of a finding: the API server may truncate warnings over 256 chars."""
-    text = finding.line
+def warning_line(finding: Finding, limit: int = 120) -> str:
+    """A finding as a warning of at most ``limit`` characters that still carries the fix.
+
+    Warnings are printed by kubectl next to the object it applied, so the object's name and the
+    field path are left out; the full line stays in the audit log and in ``check``'s output.
+    """
+    where = f' "{finding.container}"' if finding.field_path else ""
+    text = f"[{finding.reason}]{where}: {finding.short or finding.message}"
     return text if len(text) <= limit else text[: limit - 1] + "…"
