@@ -39,6 +39,9 @@ BAD = {
     "key file missing": (HEAD + "keys:\n  ci: {publicKeyFile: missing.pub}\n", "keys.ci: "),
     "key both file and inline": (HEAD + "keys:\n  ci: {publicKeyFile: a, publicKey: b}\n",
                                  "keys.ci: give exactly one of publicKeyFile or publicKey"),
+    "token for an unknown environment": (HEAD + "environments:\n  - name: ci\napi:\n  tokens:\n    - identity: bot\n"
+                                         "      sha256: " + "a" * 64 + "\n      environments: [prod]\n",
+                                         "api.tokens[0] (bot).environments: no environment named 'prod'"),
     "inline key garbage": (HEAD + "keys:\n  ci: {publicKey: hello}\n", "keys.ci: keys.ci.publicKey: not a PEM public key"),
 }
 

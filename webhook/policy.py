@@ -233,6 +233,11 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
     if api.get("tokensFile"):
         tokens_path = Path(api["tokensFile"])
         tokens.extend(_load_tokens_file(tokens_path if tokens_path.is_absolute() else base_dir / tokens_path, source))
+    for index, token in enumerate(tokens):
+        for env_name in token.get("environments", []):
+            if env_name not in names:
+                raise PolicyError(f"{source}: api.tokens[{index}] ({token['identity']}).environments: no environment "
+                                  f"named {env_name!r}")
     api_tokens = tuple(
         ApiToken(t["identity"], t["sha256"], frozenset(t.get("environments", [])), t.get("admin", False))
         for t in tokens
