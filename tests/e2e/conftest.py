@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,11 +171,11 @@ def legacy_deployment(cluster: Cluster, core: Any, apps: Any) -> LegacyWorkload:
     return LegacyWorkload(namespace, "payment-api", manifests.TAGGED)
 
 
-def start_webhook(cluster: Cluster, directory: Path, *,
-                  policy: str = gate_mod.DIGEST_ONLY_POLICY) -> RunningServer:
+def start_webhook(cluster: Cluster, directory: Path, *, policy: str = gate_mod.DIGEST_ONLY_POLICY,
+                  store: str | None = None, extra: Sequence[str] = ()) -> RunningServer:
     """``promotion-gate serve`` reading namespace labels through the API server (--kubernetes, KUBECONFIG)."""
     # start_server passes --no-kubernetes; click keeps the last value of a flag, so --kubernetes wins.
-    server = start_server(directory, policy=policy, extra=["--kubernetes"],
+    server = start_server(directory, policy=policy, store=store, extra=["--kubernetes", *extra],
                           env={"KUBECONFIG": str(cluster.kubeconfig)})
     try:
         gate_mod.wait_for_ready(server)
@@ -206,3 +207,26 @@ def gate(cluster: Cluster, core: Any, legacy_deployment: LegacyWorkload, pytestc
         registered.unregister()
         if server is not None:
             server.stop()
+
+
+@contextmanager
+def solo_gate(cluster: Cluster, core: Any, config: pytest.Config, directory: Path, *, release: str,
+              policy: str, session_gate: gate_mod.Gate | None, store: str | None = None,
+              extra: Sequence[str] = ()) -> Iterator[gate_mod.SoloGate]:
+    """A webhook server of a test's own, registered opt-in next to the session's gate (see gate.SoloGate)."""
+    if cluster.kind != "local":
+        pytest.skip("needs a webhook process outside the cluster (PROMOTION_GATE_CLUSTER=local)")
+    server = start_webhook(cluster, directory, policy=policy, store=store, extra=extra)
+    try:
+        solo = gate_mod.register_solo(cluster, core, server, release=release, session_gate=session_gate)
+    except BaseException:
+        server.stop()
+        raise
+    register_logs(config, solo.registration.logs)
+    try:
+        yield solo
+    finally:
+        try:
+            solo.close()
+        finally:
+            unregister_logs(config, solo.registration.logs)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -223,3 +224,161 @@ def install_in_cluster(cluster: Cluster, work_dir: Path) -> Gate:
                  "--values", str(values_file), "--wait", "--timeout", "5m")
     rendered = render_webhook_configuration(cluster, url="https://unused/validate", ca_bundle="")
     return Gate(cluster, rendered["metadata"]["name"])
+
+
+# --- A second Promotion Gate next to the session's, for tests that need another policy or a store ------
+# Such a gate is registered from the same chart under its own release name with
+# webhook.namespaceSelector.mode=optIn, so it judges only namespaces labelled promotion-gate.io/enforce=true.
+# The session's registration (optOut, digest-only enforce policy) would judge those namespaces too: it
+# would refuse what the test wants admitted (a tag in warn or audit mode, or under break-glass), and its
+# findings would mix with this gate's. So each of them is added to the session registration's own
+# exclusion list (the chart's kubernetes.io/metadata.name NotIn rule) while the test runs, and taken out
+# again afterwards. Only one such gate exists at a time:
+# every opt-in registration matches every opt-in namespace, so one is unregistered, and proven out of
+# the path, before the next starts.
+
+ENVIRONMENT_LABEL = "promotion-gate.io/environment"
+NAME_KEY = "kubernetes.io/metadata.name"
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What ``kubectl apply -f <file>`` answered; the file's path appears in kubectl's errors."""
+
+    path: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def apply_file(cluster: Cluster, path: Path, *documents: manifests.Manifest, args: Sequence[str] = ()) -> Applied:
+    """Write ``documents`` to ``path`` and ``kubectl apply`` it (``args``: --as, --dry-run=server, ...)."""
+    path.write_text(manifests.to_yaml(*documents))
+    result = cluster.kubectl("apply", *args, "-f", str(path), check=False)
+    return Applied(path, result.returncode, result.stdout, result.stderr)
+
+
+def decisions(server: RunningServer) -> list[dict[str, Any]]:
+    """The server's decision log (``"msg":"admission decision"`` JSON lines on its stdout), oldest first."""
+    return [json.loads(line) for line in server.log().splitlines()
+            if line.startswith("{") and '"msg":"admission decision"' in line]
+
+
+def decision_for(server: RunningServer, namespace: str, name: str) -> list[dict[str, Any]]:
+    return [d for d in decisions(server) if d.get("namespace") == namespace and d.get("name") == name]
+
+
+def _name_rule(cluster: Cluster, configuration: str) -> tuple[str, list[str]]:
+    """JSON-pointer of the NotIn values of the name rule of the configuration's (only) webhook."""
+    document = json.loads(cluster.kubectl("get", "validatingwebhookconfiguration", configuration,
+                                          "-o", "json").stdout)
+    expressions = document["webhooks"][0]["namespaceSelector"]["matchExpressions"]
+    for index, expression in enumerate(expressions):
+        if expression["key"] == NAME_KEY and expression["operator"] == "NotIn":
+            return (f"/webhooks/0/namespaceSelector/matchExpressions/{index}/values",
+                    list(expression["values"]))
+    raise AssertionError(f"{configuration} has no {NAME_KEY} NotIn rule: {expressions}")
+
+
+def exclude_namespace(cluster: Cluster, configuration: str, namespace: str) -> None:
+    """Add ``namespace`` to the names a registration never sends (the chart's excludeNamespaces rule)."""
+    pointer, _ = _name_rule(cluster, configuration)
+    patch = [{"op": "add", "path": f"{pointer}/-", "value": namespace}]
+    cluster.kubectl("patch", "validatingwebhookconfiguration", configuration, "--type=json",
+                    "-p", json.dumps(patch))
+
+
+def include_namespaces(cluster: Cluster, configuration: str, namespaces: Sequence[str]) -> None:
+    """Undo :func:`exclude_namespace` (a ``test`` op makes a concurrent change fail loudly, not vanish)."""
+    pointer, values = _name_rule(cluster, configuration)
+    kept = [v for v in values if v not in namespaces]
+    if kept == values:
+        return
+    patch = [{"op": "test", "path": pointer, "value": values}, {"op": "replace", "path": pointer, "value": kept}]
+    cluster.kubectl("patch", "validatingwebhookconfiguration", configuration, "--type=json",
+                    "-p", json.dumps(patch))
+
+
+def wait_until_unjudged(core: Any, namespace: str, *, timeout: float = ACTIVATION_TIMEOUT) -> None:
+    """Create a tag Pod until one is admitted: no webhook judges ``namespace`` any more."""
+    names = (f"unjudged-probe-{i}" for i in itertools.count())
+
+    def admitted() -> bool | None:
+        name = next(names)
+        try:
+            core.create_namespaced_pod(namespace, manifests.pod(name, namespace, {"probe": manifests.PROBE_IMAGE}))
+        except ApiException:
+            return None
+        core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        return True
+
+    eventually(admitted, timeout=timeout, interval=0.2, what=f"no webhook to judge namespace {namespace}")
+
+
+@dataclass
+class SoloGate:
+    """A Promotion Gate of a test's own (policy, store) that judges only the namespaces it hands out."""
+
+    cluster: Cluster
+    core: Any
+    server: RunningServer
+    registration: Gate
+    session_configuration: str | None  # the session's registration, told to leave our namespaces alone
+    namespaces: list[str] = field(default_factory=list)
+    _probes: Iterator[int] = field(default_factory=itertools.count)
+
+    def namespace(self, prefix: str, environment: str | None = None) -> str:
+        """A fresh namespace judged by this gate alone, once the server sees ``environment`` on it."""
+        name = create_namespace(self.core, prefix)
+        self.namespaces.append(name)
+        if self.session_configuration is not None:
+            exclude_namespace(self.cluster, self.session_configuration, name)
+            wait_until_unjudged(self.core, name)
+        labels = {ENFORCE_LABEL: "true"}
+        if environment is not None:
+            labels[ENVIRONMENT_LABEL] = environment
+        self.core.patch_namespace(name, {"metadata": {"labels": labels}})
+        self.wait_until_judged(name, environment)
+        return name
+
+    def _probe(self, namespace: str) -> list[dict[str, Any]]:
+        """Create (and delete, if admitted) a Pod; the decisions this server logged about it."""
+        name = f"probe-{next(self._probes)}"
+        try:
+            self.core.create_namespaced_pod(namespace,
+                                            manifests.pod(name, namespace, {"probe": manifests.PROBE_IMAGE}))
+        except ApiException:
+            pass
+        else:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=0)
+        return decision_for(self.server, namespace, name)
+
+    def wait_until_judged(self, namespace: str, environment: str | None) -> None:
+        """Until the API server calls this gate for ``namespace`` and the server's namespace watch has
+        caught up with its environment label (both happen asynchronously)."""
+        def judged() -> bool | None:
+            seen = self._probe(namespace)
+            return True if seen and seen[-1]["environment"] == environment else None
+
+        eventually(judged, interval=0.2, what=f"{self.registration.configuration} to judge {namespace} "
+                                              f"as environment {environment!r}")
+
+    def close(self) -> None:
+        """Unregister, prove the API server stopped calling the server, give the namespaces back, stop it."""
+        try:
+            self.registration.unregister()
+            if self.namespaces:
+                eventually(lambda: True if not self._probe(self.namespaces[-1]) else None, interval=0.2,
+                           what=f"the API server to stop calling {self.registration.configuration}")
+            if self.session_configuration is not None:
+                include_namespaces(self.cluster, self.session_configuration, self.namespaces)
+        finally:
+            self.server.stop()
+
+
+def register_solo(cluster: Cluster, core: Any, server: RunningServer, *, release: str,
+                  session_gate: Gate | None) -> SoloGate:
+    registration = register_local(cluster, server, release=release,
+                                  extra_set=["webhook.namespaceSelector.mode=optIn"])
+    return SoloGate(cluster, core, server, registration,
+                    session_gate.configuration if session_gate is not None else None)
