@@ -211,3 +211,31 @@ def test_unknown_paths_do_not_create_metric_series(servers) -> None:  # type: ig
     metrics = servers["enforce"].get("/metrics").text
     assert 'promotion_gate_malformed_requests_total{code="404",endpoint="other"} 3.0' in metrics
     assert "wp-admin" not in metrics
+
+
+PINNED_GLASS = workload("Deployment", [f"ghcr.io/acme/api@{DIGEST}"], name="api", namespace="shop",
+                        template_annotations=GLASS)
+
+
+def test_only_permitted_people_may_set_the_annotation_even_on_clean_workloads(servers) -> None:  # type: ignore[no-untyped-def]
+    # Controllers carry the annotation to every future Pod: setting it is itself the privileged act.
+    refused = judge(servers["enforce"], review(PINNED_GLASS, user="mallory@example.com"))
+    assert refused["allowed"] is False
+    assert refused["status"]["message"] == (
+        "[break-glass] Deployment shop/api: only people allowed to break glass may set the "
+        'promotion-gate.io/break-glass annotation; user "mallory@example.com" is not allowed to break glass')
+    assert judge(servers["enforce"], review(PINNED_GLASS, user="oncall@example.com"))["allowed"] is True
+    # warn and audit modes only report
+    assert judge(servers["warn"], review(PINNED_GLASS, user="mallory@example.com"))["allowed"] is True
+
+
+def test_removing_the_annotation_is_never_blocked(servers) -> None:  # type: ignore[no-untyped-def]
+    old = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop", template_annotations=GLASS)
+    new = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop")
+    assert judge(servers["enforce"], review(new, old=old, operation="UPDATE", user="mallory@example.com"))["allowed"]
+
+
+def test_updating_a_break_glass_workload_to_a_digest_needs_no_permission(servers) -> None:  # type: ignore[no-untyped-def]
+    old = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop", template_annotations=GLASS)
+    assert judge(servers["enforce"], review(PINNED_GLASS, old=old, operation="UPDATE",
+                                            user="dev@example.com"))["allowed"] is True

@@ -41,7 +41,9 @@ def run(paths: list[str], policy: Policy, environment: str | None, records: deci
                     report.errors.append(f"{doc.where}: {exc}")
                     continue
                 report.checked += 1
-                verdict = decision.judge_workload(workload, workload.images, "", False, policy, environment, records)
+                # Who applies the manifest is unknown offline: break-glass is not considered, every
+                # finding is reported.
+                verdict = decision.judge_workload(workload, workload.images, "", True, policy, environment, records)
                 # Offline, warn/audit modes do not soften the answer: the check says what enforce would do.
                 if verdict.findings:
                     report.denied += 1

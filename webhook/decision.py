@@ -125,6 +125,7 @@ def decide(
         )
 
     candidates = workload.images
+    sets_break_glass = workload.break_glass is not None
     if request.operation == "UPDATE" and request.old_object is not None:
         old = workloads.extract(
             request.old_object, kind=request.kind, namespace=request.namespace, name=request.name
@@ -134,7 +135,9 @@ def decide(
         # Only images the update introduces are judged: a scale-down, a label change or a finalizer
         # removal must never be blocked because of what is already running. Adding or changing the
         # break-glass annotation is judged in full: it is what the workload's Pods will be admitted by.
-        if old.break_glass == workload.break_glass:
+        # Removing it is not: taking the exception back must always be possible.
+        sets_break_glass = sets_break_glass and old.break_glass != workload.break_glass
+        if not sets_break_glass:
             before = {c.image for c in old.images}
             candidates = tuple(c for c in workload.images if c.image not in before)
             if not candidates:
@@ -146,7 +149,8 @@ def decide(
     permitted = (user.username in policy.break_glass_users
                  or bool(policy.break_glass_groups.intersection(user.groups))
                  or (workload.controlled and user.username in policy.break_glass_controllers))
-    return judge_workload(workload, candidates, user.username, permitted, policy, environment, records)
+    return judge_workload(workload, candidates, user.username, permitted, policy, environment, records,
+                          sets_break_glass=sets_break_glass)
 
 
 def judge_workload(
@@ -157,8 +161,15 @@ def judge_workload(
     policy: Policy,
     environment: str | None,
     records: RecordView,
+    *,
+    sets_break_glass: bool = False,
 ) -> Verdict:
-    """Judge the given containers of one workload (shared by admission and the offline check)."""
+    """Judge the given containers of one workload (shared by admission and the offline check).
+
+    ``sets_break_glass``: this request adds or changes the break-glass annotation. Only people allowed
+    to break glass may do that, findings or not, because controllers carry the annotation to every
+    Pod the workload creates later, when its digest may have been revoked.
+    """
     subject = workload.display_name
     mode = policy.mode_for(environment)
     findings: list[Finding] = []
@@ -206,6 +217,11 @@ def judge_workload(
     base = Verdict(allowed=True, mode=mode, environment=environment, subject=subject, images=tuple(outcomes),
                    notes=tuple(notes), warnings=tuple(warnings))
     if not findings:
+        if sets_break_glass and not break_glass_permitted and mode is Mode.ENFORCE:
+            why = f'user "{username}" is not allowed to break glass'
+            return replace(base, allowed=False, break_glass_refused=why, notes=(*notes, str(Reason.BREAK_GLASS)),
+                           message=f"[break-glass] {subject}: only people allowed to break glass may set the "
+                                   f"promotion-gate.io/break-glass annotation; {why}")
         return base
 
     lines = [f.line for f in findings]

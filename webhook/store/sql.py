@@ -239,6 +239,11 @@ class SqlStore:
             rows = conn.execute(query.order_by(schema.records.c.seq).limit(limit)).all()
         return [self._stored(r) for r in rows]
 
+    def records_version(self) -> int:
+        """The highest record sequence number: it changes whenever a record is added."""
+        with self._reading() as conn:
+            return int(conn.execute(sa.select(sa.func.max(schema.records.c.seq))).scalar() or 0)
+
     def record_count(self) -> int:
         with self._reading() as conn:
             return int(conn.execute(sa.select(sa.func.count()).select_from(schema.records)).scalar() or 0)

@@ -58,6 +58,9 @@ class CachedRecordView:
         self._ttl = policy.cache_seconds
         self._verified = _Lru(VERIFIED_CACHE_SIZE)
         self._verdicts = _Lru(VERDICT_CACHE_SIZE)
+        self._lock = threading.Lock()
+        self._version: int | None = None
+        self._evaluated: dict[Subject, dict[str, PromotionStatus]] = {}
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
         self._hit = metrics.cache.labels(result="hit")
         self._miss = metrics.cache.labels(result="miss")
@@ -76,12 +79,29 @@ class CachedRecordView:
     def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, dict[str, PromotionStatus]]:
         started = time.perf_counter()
         try:
-            stored = self._store.records_for_digests([digest for _, digest in subjects])
+            # Records are append-only and appended one at a time under a lock, so the highest sequence
+            # number changes whenever anything (a promotion, a revocation) is added. While it stands
+            # still, evaluations made at that version are still exact: one index-only query per request.
+            version = self._store.records_version()
+            with self._lock:
+                if version != self._version:
+                    self._evaluated.clear()
+                    self._version = version
+                known = {s: self._evaluated[s] for s in subjects if s in self._evaluated}
+            missing = [s for s in subjects if s not in known]
+            if not missing:
+                self._hit.inc()
+                return known
+            stored = self._store.records_for_digests([digest for _, digest in missing])
         finally:
             self._metrics.store_latency.observe(time.perf_counter() - started)
-        return {(repository, digest): promotion_rules.evaluate(self._policy, stored.get(digest, []), repository,
-                                                               digest, verifier=self._verify)
-                for repository, digest in subjects}
+        fresh = {(repository, digest): promotion_rules.evaluate(self._policy, stored.get(digest, []), repository,
+                                                                digest, verifier=self._verify)
+                 for repository, digest in missing}
+        with self._lock:
+            if self._version == version and len(self._evaluated) < VERDICT_CACHE_SIZE:
+                self._evaluated.update(fresh)
+        return {**known, **fresh}
 
     def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
         future = self._pool.submit(self._lookup, subjects)
