@@ -44,6 +44,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
 SKIP = set(filter(None, os.environ.get("BENCH_SKIP", "").split(",")))
+WORKERS = os.environ.get("BENCH_WORKERS", "1")
 RESULTS = REPO / "bench-results"
 LUA = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
@@ -87,6 +88,7 @@ def digests(count: int, salt: str = "") -> list[str]:
 
 @contextmanager
 def server(tmp: Path, **kwargs: Any) -> Iterator[RunningServer]:
+    kwargs["extra"] = [*kwargs.get("extra", []), "--workers", WORKERS]
     running = start_server(tmp, **kwargs)
     try:
         yield running
@@ -272,7 +274,8 @@ def main() -> None:
                 rows += scenario_store_scale(tmp, postgres)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    meta = {"seconds": SECONDS, "connections": CONNECTIONS, "records": RECORDS, "cpus": os.cpu_count(),
+    meta = {"seconds": SECONDS, "connections": CONNECTIONS, "records": RECORDS, "workers": WORKERS,
+            "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"\n{meta}\n")

@@ -6,12 +6,13 @@ into the store's hash-chained audit table (see :mod:`webhook.store.audit_chain`)
 
 from __future__ import annotations
 
-import json
 import sys
 import threading
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
+
+import orjson
 
 from webhook.admission import AdmissionRequest
 from webhook.decision import Verdict
@@ -74,7 +75,7 @@ class StdoutDecisionLog:
         self._lock = threading.Lock()
 
     def write(self, event: dict[str, Any]) -> None:
-        line = json.dumps({"msg": "admission decision", **event}, separators=(",", ":"))
+        line = orjson.dumps({"msg": "admission decision", **event}).decode()
         with self._lock:
             stream = self._stream or sys.stdout
             stream.write(line + "\n")

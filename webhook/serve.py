@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -77,7 +76,6 @@ class ServerOptions:
     timeout: int = 30
     keepalive: int = 75
     access_log: bool = False
-    switch_interval: float = 0.0005
 
 
 class GunicornServer(BaseApplication):  # type: ignore[misc]
@@ -119,7 +117,4 @@ class GunicornServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        # Worker threads share one interpreter lock; a shorter switch interval (default 5 ms) keeps one
-        # busy request from holding up the others, which is what sets tail latency here.
-        sys.setswitchinterval(self._options.switch_interval)
         return self._factory()

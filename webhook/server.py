@@ -8,13 +8,13 @@ failurePolicy without telling anyone why.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from flask import Flask, Response, jsonify, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -74,7 +74,7 @@ def create_app(services: Services) -> Flask:
         if len(raw) > MAX_BODY_BYTES:
             return error(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         try:
-            return json.loads(raw)
+            return orjson.loads(raw)  # orjson: strict UTF-8, bounded nesting, and ~5x faster than json
         except (ValueError, RecursionError):
             return error(400, "body is not valid JSON")
 
@@ -118,7 +118,7 @@ def create_app(services: Services) -> Flask:
         metrics.request_latency.labels(result="allowed" if verdict.allowed else "denied").observe(
             time.perf_counter() - started
         )
-        return jsonify(payload)
+        return Response(orjson.dumps(payload), mimetype="application/json")
 
     if services.enable_baseline:
         @app.post("/baseline/allow")
@@ -131,7 +131,8 @@ def create_app(services: Services) -> Flask:
                 review = admission.parse_review(body)
             except admission.MalformedReview as exc:
                 return error(400, f"malformed AdmissionReview: {exc}")
-            return jsonify(admission.build_response(review.uid, allowed=True))
+            return Response(orjson.dumps(admission.build_response(review.uid, allowed=True)),
+                            mimetype="application/json")
 
     @app.get("/healthz")
     def healthz() -> Response:

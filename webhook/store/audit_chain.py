@@ -19,6 +19,8 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
+import orjson
+
 from webhook import audit, keys
 from webhook.admission import AdmissionRequest
 from webhook.decision import Verdict
@@ -32,7 +34,8 @@ log = logging.getLogger("promotion_gate.audit")
 
 
 def canonical(event: dict[str, object]) -> str:
-    return json.dumps(event, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # Compact, sorted keys, UTF-8. Verification hashes the stored text itself, never a re-serialisation.
+    return orjson.dumps(event, option=orjson.OPT_SORT_KEYS).decode()
 
 
 def chain_hash(seq: int, prev_hash: str, event_json: str) -> str:
