@@ -98,9 +98,13 @@ class SqlStore:
             self.write_engine = self._sqlite_engine(immediate=True)
         else:
             connect_args = {"connect_timeout": 5, "options": "-c statement_timeout=10000"}
-            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=8,
-                                           connect_args=connect_args)
-            self.write_engine = self.engine
+            self.write_engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=8,
+                                                 connect_args=connect_args)
+            # Readers run single statements: autocommit saves the BEGIN/ROLLBACK round trips, and a
+            # connection broken by a server restart fails one lookup (fail closed) instead of costing
+            # a ping on every checkout.
+            self.engine = sa.create_engine(self.url, pool_pre_ping=False, pool_size=8, max_overflow=8,
+                                           isolation_level="AUTOCOMMIT", connect_args=connect_args)
 
     def _sqlite_engine(self, *, immediate: bool) -> Engine:
         engine = sa.create_engine(self.url, connect_args={"timeout": 10, "check_same_thread": False},
@@ -126,9 +130,8 @@ class SqlStore:
         return engine
 
     def close(self) -> None:
+        self.write_engine.dispose()
         self.engine.dispose()
-        if self.write_engine is not self.engine:
-            self.write_engine.dispose()
 
     # --- plumbing -------------------------------------------------------------------------------
 
