@@ -184,6 +184,9 @@ class Cluster:
             lines.append(f"control plane ready in {self.startup_seconds:.1f}s "
                          "(etcd + kube-apiserver, /readyz and namespace 'default')")
         lines += [f"{name}: {version}" for name, version in self.versions.items()]
+        build_log = toolchain_dir() / "build-times.log"
+        if build_log.is_file():  # written by tools/build-toolchain.sh when it builds (cold) a binary
+            lines += [f"cold build: {line}" for line in build_log.read_text().splitlines()[-3:]]
         lines.append(f"kubeconfig: {self.kubeconfig}")
         return lines
 
