@@ -100,3 +100,26 @@ def test_revocation_is_named_in_the_denial() -> None:
     assert result.message == (f'[not-promoted] Pod shop/p spec.containers[0] "c0": {IMAGE} has no promotion record '
                                f'for environment "staging" (promoted to: ci; revoked from staging). Promote it: '
                                f"promotion-gate promote {IMAGE} --to staging")
+
+
+class _BrokenStream:
+    def write(self, _text: str) -> int:
+        raise BrokenPipeError("stdout is gone")
+
+    def flush(self) -> None:
+        raise BrokenPipeError("stdout is gone")
+
+
+@pytest.mark.parametrize(("on_failure", "allowed"), [("deny", False), ("allow", True)])
+def test_a_decision_log_that_cannot_be_written_never_causes_a_500(on_failure: str, allowed: bool) -> None:
+    from webhook import server
+    from webhook.audit import StdoutDecisionLog
+
+    strict = policy.parse({"apiVersion": "promotion-gate.io/v1", "kind": "Policy",
+                           "audit": {"onWriteFailure": on_failure}}, base_dir=Path("."))
+    services = server.default_services(strict)
+    services.decision_log = StdoutDecisionLog(_BrokenStream())  # type: ignore[arg-type]
+    client = server.create_app(services).test_client()
+    reply = client.post("/validate", json=review(workload("Pod", [IMAGE], name="p", namespace="shop")))
+    assert reply.status_code == 200
+    assert reply.json["response"]["allowed"] is allowed  # type: ignore[index]

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from webhook import admission, decision, workloads
-from webhook.audit import DecisionLog, StdoutDecisionLog
+from webhook.audit import DecisionLog, StdoutDecisionLog, audit_failure_verdict
 from webhook.environments import EnvironmentResolver, StaticEnvironments
 from webhook.findings import Finding, Reason
 from webhook.metrics import Metrics
@@ -104,7 +104,12 @@ def create_app(services: Services) -> Flask:
                               "ask the cluster operator to check the webhook logs")
             verdict = decision.Verdict(allowed=False, environment=environment, findings=(finding,),
                                        message=finding.line)
-        verdict = services.decision_log.record(review, verdict)
+        try:
+            verdict = services.decision_log.record(review, verdict)
+        except Exception as exc:  # e.g. stdout gone: the policy decides, as for a store failure
+            log.exception("decision %s could not be logged", review.uid)
+            metrics.audit_errors.inc()
+            verdict = audit_failure_verdict(verdict, services.policy.audit_on_write_failure, type(exc).__name__)
         for reason in verdict.reasons or ("none",):
             metrics.decisions.labels(
                 environment=verdict.environment or "", mode=str(verdict.mode),
