@@ -6,12 +6,15 @@ same run on the same machine: the ``/baseline/allow`` endpoint (same stack, no p
 lookup at a smaller store, or the same path without audit logging. Results go to
 ``bench-results/latest.json`` and a Markdown table on stdout (copied into docs/benchmarks.md).
 
-Environment: BENCH_SECONDS (default 10), BENCH_CONNECTIONS (16), BENCH_RECORDS (1000000),
+Environment: BENCH_SECONDS (default 10) per run, BENCH_ROUNDS (3) alternating runs per side (medians are
+reported), BENCH_CONNECTIONS (16), BENCH_RECORDS (1000000), BENCH_WORKERS (1),
 BENCH_SKIP (comma-separated scenario names).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +48,7 @@ CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
 SKIP = set(filter(None, os.environ.get("BENCH_SKIP", "").split(",")))
 WORKERS = os.environ.get("BENCH_WORKERS", "1")
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 RESULTS = REPO / "bench-results"
 LUA = """
 local f = io.open(os.getenv("BENCH_BODY"), "rb")
@@ -78,6 +82,21 @@ def wrk(server: RunningServer, path: str, body: dict[str, Any], tmp: Path, *, se
             "errors": status_errors + socket_errors, "requests": count}
 
 
+def paired(baseline: Callable[[], dict[str, float]], measured: Callable[[], dict[str, float]],
+           rounds: int = ROUNDS) -> tuple[dict[str, float], dict[str, float]]:
+    """Alternate baseline and measured runs and keep the median of each metric: drift on a shared
+    machine then affects both sides alike."""
+    base_runs, measured_runs = [], []
+    for _ in range(rounds):
+        base_runs.append(baseline())
+        measured_runs.append(measured())
+
+    def median(runs: list[dict[str, float]]) -> dict[str, float]:
+        return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+    return median(base_runs), median(measured_runs)
+
+
 def pod(images: list[str], namespace: str = "bench") -> dict[str, Any]:
     return review(workload("Pod", images, name="bench", namespace=namespace))
 
@@ -109,8 +128,8 @@ def scenario_policy_cost(tmp: Path) -> list[dict[str, Any]]:
         for containers in (1, 10):
             body = pod([f"ghcr.io/acme/app{i}@" + digests(1, str(i))[0] for i in range(containers)])
             warm(running, "/validate", body)
-            base = wrk(running, "/baseline/allow", body, tmp)
-            policy = wrk(running, "/validate", body, tmp)
+            base, policy = paired(functools.partial(wrk, running, "/baseline/allow", body, tmp),
+                                  functools.partial(wrk, running, "/validate", body, tmp))
             rows.append({"scenario": f"digest policy, {containers} container(s)", "baseline": base,
                          "measured": policy, "throughput_ratio": policy["rps"] / base["rps"]})
     return rows
@@ -186,8 +205,8 @@ def scenario_store_scale(tmp: Path, postgres: PostgresServer | None) -> list[dic
                     extra=["--baseline-endpoint"]) as running:
             warm(running, "/validate", body)
             assert running.post("/validate", json=body).json()["response"]["allowed"] is True
-            base = wrk(running, "/baseline/allow", body, tmp)
-            measured = wrk(running, "/validate", body, tmp)
+            base, measured = paired(functools.partial(wrk, running, "/baseline/allow", body, tmp),
+                                    functools.partial(wrk, running, "/validate", body, tmp))
         rows.append({"scenario": f"admission, 10 promoted containers, {RECORDS:,} records ({backend})",
                      "baseline": base, "measured": measured, "throughput_ratio": measured["rps"] / base["rps"]})
     return rows
@@ -197,13 +216,16 @@ def scenario_audit_cost(tmp: Path) -> list[dict[str, Any]]:
     """Issue: the decision log in the store on the admission path, with vs without."""
     kit = make_kit(tmp / "kit-audit")
     body = pod(["ghcr.io/acme/app:1.0"], namespace="kube-system")  # exempt: judged, logged, allowed
-    results = {}
-    for label, store_audit in (("without", False), ("with", True)):
-        document = policy_document(kit.root, extra={"audit": {"store": store_audit, "onWriteFailure": "deny"}})
-        with server(tmp / f"audit-{label}", policy=yaml.safe_dump(document),
-                    store=f"sqlite:///{tmp / f'audit-{label}.db'}") as running:
-            warm(running, "/validate", body)
-            results[label] = wrk(running, "/validate", body, tmp)
+    servers = {}
+    with contextlib.ExitStack() as stack:
+        for label, store_audit in (("without", False), ("with", True)):
+            document = policy_document(kit.root, extra={"audit": {"store": store_audit, "onWriteFailure": "deny"}})
+            servers[label] = stack.enter_context(server(tmp / f"audit-{label}", policy=yaml.safe_dump(document),
+                                                        store=f"sqlite:///{tmp / f'audit-{label}.db'}"))
+            warm(servers[label], "/validate", body)
+        without, with_ = paired(functools.partial(wrk, servers["without"], "/validate", body, tmp),
+                                functools.partial(wrk, servers["with"], "/validate", body, tmp))
+    results = {"without": without, "with": with_}
     return [{"scenario": "audit event in the store (SQLite, synchronous=FULL)", "baseline": results["without"],
              "measured": results["with"], "throughput_ratio": results["with"]["rps"] / results["without"]["rps"]}]
 

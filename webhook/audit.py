@@ -75,11 +75,18 @@ class StdoutDecisionLog:
         self._lock = threading.Lock()
 
     def write(self, event: dict[str, Any]) -> None:
-        line = orjson.dumps({"msg": "admission decision", **event}).decode()
-        with self._lock:
-            stream = self._stream or sys.stdout
-            stream.write(line + "\n")
-            stream.flush()
+        line = orjson.dumps({"msg": "admission decision", **event}, option=orjson.OPT_APPEND_NEWLINE)
+        stream = self._stream or sys.stdout
+        binary = getattr(stream, "buffer", None)
+        if binary is not None:
+            # One write of one whole line into the buffered binary stream, which has its own lock:
+            # lines never interleave, and request threads do not queue behind each other's flush.
+            binary.write(line)
+            binary.flush()
+        else:
+            with self._lock:
+                stream.write(line.decode())
+                stream.flush()
 
     def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
         self.write(audit_event(request, verdict, self._policy_digest))
