@@ -267,18 +267,19 @@ def _judge_image(
     environment: str | None,
     lookups: Mapping[Subject, PromotionStatus],
 ) -> tuple[Finding | None, ImageOutcome, str | None]:
-    where = dict(field_path=container.field_path, container=container.container, image=container.image)
-    outcome = ImageOutcome(container.field_path, container.container, container.image)
+    where = {"field_path": container.field_path, "container": container.container, "image": container.image}
     ref = classified.reference
     if ref is None:
+        outcome = ImageOutcome(container.field_path, container.container, container.image)
         return (Finding(Reason.INVALID_REFERENCE, subject,
                         f'image "{container.image}" is not a valid reference: {classified.problem}',
                         short=f'"{container.image}" {classified.problem}', **where),
                 outcome, None)
+    exempt = bool(policy.exempt_images) and _exempt(policy, ref)
     outcome = ImageOutcome(container.field_path, container.container, container.image, ref.repository,
-                           ref.digest or "")
-    if _exempt(policy, ref):
-        return None, replace(outcome, exempt=True), None
+                           ref.digest or "", exempt=exempt)
+    if exempt:
+        return None, outcome, None
     if ref.digest is None:
         implicit = " (no tag: implicitly \"latest\")" if ref.implicit_latest else ""
         return (Finding(Reason.MUTABLE_TAG, subject,
