@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -50,6 +52,11 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def decisions(self, uid: str) -> list[dict[str, Any]]:
+        """The decision log lines (JSON on stdout) of one AdmissionReview, by its request uid."""
+        lines = [line for line in self.log().splitlines() if line.startswith("{") and uid in line]
+        return [event for event in map(json.loads, lines) if event.get("uid") == uid]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -190,10 +190,7 @@ def test_health_readiness_and_metrics(digest_only_server: RunningServer) -> None
 def test_one_json_log_line_per_decision(digest_only_server: RunningServer) -> None:
     body = review(workload("Pod", ["log-probe:1"], name="logged", namespace="audit-ns"), user="dev@example.com")
     digest_only_server.post("/validate", json=body)
-    lines = [json.loads(line) for line in digest_only_server.log().splitlines()
-             if line.startswith("{") and body["request"]["uid"] in line]
-    assert len(lines) == 1
-    event = lines[0]
+    (event,) = digest_only_server.decisions(body["request"]["uid"])  # exactly one line
     assert {k: event[k] for k in ("uid", "user", "namespace", "kind", "name", "operation", "dryRun", "allowed",
                                   "reasons")} == {
         "uid": body["request"]["uid"], "user": "dev@example.com", "namespace": "audit-ns", "kind": "Pod",

@@ -451,3 +451,14 @@ def test_the_operators_own_namespace(tmp_path: Path) -> None:
 ])
 def test_how_the_api_server_is_reached(option: str | None, environ: dict[str, str], kubeconfig: str | None) -> None:
     assert cli_operator.kube_access(option, environ) == op.KubeAccess(kubeconfig)
+
+
+def test_operator_starts_when_the_store_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
+    # Certificates do not need the store: the operator keeps going and Promotions stay Pending.
+    from tests.conftest import free_port
+
+    url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    with caplog.at_level("WARNING"):
+        store = cli_operator.open_store(url)
+    assert store.dialect == "postgresql"
+    assert "the store is unavailable" in caplog.text and "Promotions stay Pending until it answers" in caplog.text

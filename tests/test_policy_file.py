@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.promotion_kit import cli
 from webhook import policy
 
 HEAD = "apiVersion: promotion-gate.io/v1\nkind: Policy\n"
@@ -81,20 +82,19 @@ def test_the_documented_example_is_valid(tmp_path: Path) -> None:
     assert "promotion-gate" in loaded.exempt_namespaces and "kube-system" in loaded.exempt_namespaces
 
 
-def test_server_refuses_to_start_with_a_bad_policy(tmp_path: Path) -> None:
-    path = tmp_path / "policy.yaml"
-    path.write_text(HEAD + "defaultMode: enforcing\n")
-    result = subprocess.run([sys.executable, "-m", "webhook.cli", "serve", "--policy", str(path), "--cert-dir",
-                             str(tmp_path), "--dev-certs"], capture_output=True, text=True, timeout=60, cwd=REPO)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f"Error: {path}: defaultMode: 'enforcing' is not one of "
-                                     "['enforce', 'warn', 'audit']")
+REFUSED_START = {
+    "bad policy": ("defaultMode: enforcing\n",
+                   "Error: {path}: defaultMode: 'enforcing' is not one of ['enforce', 'warn', 'audit']"),
+    "environments without a store": ("environments:\n  - name: ci\n",
+                                     "Error: the policy declares environments, which need a store: pass --store "
+                                     "sqlite:///var/promotion-gate.db or a PostgreSQL URL"),
+}
 
 
-def test_environments_without_a_store_stop_start_up(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("body", "message"), REFUSED_START.values(), ids=REFUSED_START.keys())
+def test_server_refuses_to_start(tmp_path: Path, body: str, message: str) -> None:
     path = tmp_path / "policy.yaml"
-    path.write_text(HEAD + "environments:\n  - name: ci\n")
-    result = subprocess.run([sys.executable, "-m", "webhook.cli", "serve", "--policy", str(path), "--cert-dir",
-                             str(tmp_path), "--dev-certs"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    path.write_text(HEAD + body)
+    result = cli("serve", "--policy", str(path), "--cert-dir", str(tmp_path), "--dev-certs", cwd=REPO)
     assert result.returncode == 1
-    assert "the policy declares environments, which need a store" in result.stderr
+    assert result.stderr.strip() == message.format(path=path)

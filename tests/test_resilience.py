@@ -39,7 +39,11 @@ def test_slow_store_fails_closed_unless_a_fresh_verdict_is_cached(server_factory
         body = review(workload("Pod", [IMAGE], name="api", namespace=namespace))
         return gate.post("/validate", json=body).json()["response"]  # type: ignore[no-any-return]
 
-    assert admit("payments-ci")["allowed"] is True  # verdict for (IMAGE, ci) now cached
+    assert admit("payments-ci")["allowed"] is True  # evaluated from the records ...
+    assert admit("payments-ci")["allowed"] is True  # ... and reused: no record was added since
+    counts = gate.get("/metrics").text
+    assert 'promotion_gate_verdict_cache_total{result="miss"} 1.0' in counts
+    assert 'promotion_gate_verdict_cache_total{result="hit"} 1.0' in counts
     with psycopg.connect(url) as blocker:  # a real lock: every read of records now waits
         blocker.execute("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
         started = time.monotonic()

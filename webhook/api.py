@@ -58,6 +58,15 @@ def stored_json(stored: promotion_rules.StoredRecord, *, with_envelope: bool = T
     return data
 
 
+def status_json(store: SqlStore, policy: Policy, ref: references.ImageReference) -> dict[str, Any]:
+    """The promotion state of one pinned image in every environment (``GET /status``, ``check``)."""
+    assert ref.digest is not None
+    states = promotion_rules.evaluate(policy, store.records_for_digest(ref.digest), ref.repository, ref.digest)
+    return {"repository": ref.repository, "digest": ref.digest, "states": {
+        env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
+              "detail": s.detail} for env, s in states.items()}}
+
+
 def trace_json(store: SqlStore, policy: Policy, digest: str) -> dict[str, Any]:
     stored = store.records_for_digest(digest)
     repositories = sorted({s.record.repository for s in stored})
@@ -194,11 +203,7 @@ def register(store: SqlStore) -> Callable[[Flask, Services], None]:
                 return _error(400, f"image: {exc}")
             if ref.digest is None:
                 return _error(400, "image must be pinned by digest (repository@sha256:…)")
-            stored = store.records_for_digest(ref.digest)
-            states = promotion_rules.evaluate(policy, stored, ref.repository, ref.digest)
-            return jsonify({"repository": ref.repository, "digest": ref.digest, "states": {
-                env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
-                      "detail": s.detail} for env, s in states.items()}})
+            return jsonify(status_json(store, policy, ref))
 
         @api.get("/audit")
         def audit_events() -> Response:

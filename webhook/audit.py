@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Mapping
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
@@ -23,6 +24,17 @@ def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+def _object_name(request: AdmissionRequest) -> str:
+    # request.name is filled in the validating phase; hand-made requests may carry it only in the object
+    for obj in (request.object, request.old_object):
+        metadata = obj.get("metadata") if obj else None
+        if isinstance(metadata, Mapping):
+            name = metadata.get("name") or metadata.get("generateName")
+            if isinstance(name, str):
+                return name
+    return ""
+
+
 def audit_event(request: AdmissionRequest, verdict: Verdict, policy_digest: str = "") -> dict[str, Any]:
     """The security team's view of one decision; field names are a stable contract (docs/security.md)."""
     return {
@@ -32,7 +44,7 @@ def audit_event(request: AdmissionRequest, verdict: Verdict, policy_digest: str 
         "groups": list(request.user.groups),
         "namespace": request.namespace,
         "kind": request.kind,
-        "name": verdict.subject.split("/", 1)[-1] if "/" in verdict.subject else request.name,
+        "name": request.name or _object_name(request),
         "operation": request.operation,
         "subResource": request.sub_resource,
         "dryRun": request.dry_run,

@@ -13,21 +13,7 @@ import click
 from webhook import certs as certs_mod
 from webhook import check as check_mod
 from webhook import decision
-from webhook import policy as policy_mod
-
-EXIT_DENIED = 1
-EXIT_USAGE = 2
-
-
-def _load_policy(path: Path | None, *, usage: bool = False) -> policy_mod.Policy:
-    if path is None:
-        return policy_mod.default_policy()
-    try:
-        return policy_mod.load(path)
-    except policy_mod.PolicyError as exc:
-        if usage:  # for `check`, exit 1 means "would be denied": bad input is 2
-            raise click.BadParameter(str(exc), param_hint="--policy") from exc
-        raise click.ClickException(str(exc)) from exc
+from webhook.cli_records import load_policy
 
 
 def emit_json(data: Any) -> None:
@@ -69,7 +55,7 @@ def check(paths: tuple[str, ...], policy_path: Path | None, environment: str | N
     Exit status: 0 when everything would be admitted, 1 when anything would be denied, 2 when input
     cannot be read.
     """
-    policy = _load_policy(policy_path, usage=True)
+    policy = load_policy(policy_path, usage=True)
     records: decision.RecordView = decision.NoRecords()
     if environment is not None:
         if policy.environments and policy.environment(environment) is None:
@@ -135,7 +121,7 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
-    policy = _load_policy(policy_path)
+    policy = load_policy(policy_path)
     if dev_certs:
         certs_mod.ensure_dev_certificates(cert_dir)
     certfile, keyfile = cert_dir / "tls.crt", cert_dir / "tls.key"

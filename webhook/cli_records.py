@@ -50,12 +50,15 @@ def backend_options(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _policy(path: Path | None) -> Policy:
+def load_policy(path: Path | None, *, usage: bool = False) -> Policy:
+    """The policy file, or digest-only rules without one; errors exit 1 (2 with ``usage``, for ``check``)."""
     if path is None:
         return default_policy()
     try:
         return load(path)
     except PolicyError as exc:
+        if usage:
+            raise click.BadParameter(str(exc), param_hint="--policy") from exc
         raise click.ClickException(str(exc)) from exc
 
 
@@ -63,7 +66,7 @@ def _backend(kw: dict[str, Any], identity: str = "") -> clients.Backend:
     if kw.get("store") and not kw.get("policy_path"):
         raise click.UsageError("--store needs --policy: the promotion rules come from the policy file")
     return clients.backend(server=kw.get("server"), token_file=kw.get("token_file"), ca_file=kw.get("ca_file"),
-                           store=kw.get("store"), policy=_policy(kw.get("policy_path")), identity=identity)
+                           store=kw.get("store"), policy=load_policy(kw.get("policy_path")), identity=identity)
 
 
 def pinned(image: str) -> references.ImageReference:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import requests
 
 from webhook import api as api_mod
-from webhook import dsse, promotion_rules, references
+from webhook import dsse, references
 from webhook.decision import Promotion, PromotionStatus, Subject
 from webhook.policy import Policy
 from webhook.store.errors import StoreError
@@ -134,13 +134,7 @@ class LocalBackend:
         return api_mod.trace_json(self.store, self.policy, digest)
 
     def status(self, image: str) -> dict[str, Any]:
-        ref = references.parse(image)
-        assert ref.digest is not None
-        states = promotion_rules.evaluate(self.policy, self.store.records_for_digest(ref.digest), ref.repository,
-                                          ref.digest)
-        return {"repository": ref.repository, "digest": ref.digest, "states": {
-            env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
-                  "detail": s.detail} for env, s in states.items()}}
+        return api_mod.status_json(self.store, self.policy, references.parse(image))
 
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         return self.store.query_audit(**filters)

@@ -34,11 +34,7 @@ class Finding:
 
     @property
     def line(self) -> str:
-        where = self.subject
-        if self.field_path:
-            where += f" {self.field_path}"
-        if self.field_path and self.container is not None:
-            where += f' "{self.container}"'
+        where = f'{self.subject} {self.field_path} "{self.container}"' if self.field_path else self.subject
         return f"[{self.reason}] {where}: {self.message}"
 
 

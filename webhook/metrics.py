@@ -41,8 +41,9 @@ class Metrics:
         )
         self.cache = Counter(
             "promotion_gate_verdict_cache",
-            "Signature verifications answered from the per-record memo (hit) or computed (miss); stale-served: "
-            "cached verdicts used because the store missed its deadline",
+            "Promotion verdicts per image digest: reused at the store's current record version (hit), evaluated "
+            "from the records (miss), or served from the last version seen because the store missed its deadline "
+            "(stale-served)",
             ["result"], registry=r,
         )
         self.audit_errors = Counter(

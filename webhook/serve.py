@@ -2,8 +2,8 @@
 
 The serving certificate is re-read when its file changes (cert-manager, the operator or a mounted
 Secret rotates it): new handshakes get the new certificate, connections in flight keep theirs, and no
-request is dropped. The check is a ``stat`` at most once per second, done in the TLS SNI callback that
-OpenSSL calls for every handshake (with or without SNI).
+request is dropped. gunicorn asks for an ``SSLContext`` for every connection it accepts; the answer is
+the current context, after a ``stat`` of the files at most once per second.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ class CertificateReloader:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(str(self._certfile), str(self._keyfile))
-        context.sni_callback = self._on_handshake
         return context
 
     def current(self) -> ssl.SSLContext:
@@ -58,12 +57,6 @@ class CertificateReloader:
                 # Half-written or missing files: keep serving the previous certificate.
                 log.warning("keeping previous certificate, cannot load new one: %s", exc)
         return self.context
-
-    def _on_handshake(self, sock: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
-                      context: ssl.SSLContext) -> None:
-        latest = self.current()
-        if latest is not context:
-            sock.context = latest
 
 
 @dataclass(frozen=True)

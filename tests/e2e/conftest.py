@@ -8,6 +8,7 @@ to the report.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections.abc import Generator, Iterable, Iterator, Sequence
@@ -143,6 +144,17 @@ def apps(api_client: Any) -> Any:
     from kubernetes import client
 
     return client.AppsV1Api(api_client)
+
+
+@pytest.fixture
+def kubectl_apply(cluster: Cluster, tmp_path: Path) -> gate_mod.Apply:
+    """``kubectl apply -f <file>`` of the given documents; the file path appears in kubectl's errors."""
+    counter = itertools.count()
+
+    def apply(*documents: manifests.Manifest, args: tuple[str, ...] = ()) -> gate_mod.Applied:
+        return gate_mod.apply_file(cluster, tmp_path / f"manifest-{next(counter)}.yaml", *documents, args=args)
+
+    return apply
 
 
 @pytest.fixture

@@ -251,6 +251,9 @@ class Applied:
     stderr: str
 
 
+Apply = Callable[..., Applied]  # the kubectl_apply fixture: (*documents, args=(...)) -> Applied
+
+
 def apply_file(cluster: Cluster, path: Path, *documents: manifests.Manifest, args: Sequence[str] = ()) -> Applied:
     """Write ``documents`` to ``path`` and ``kubectl apply`` it (``args``: --as, --dry-run=server, ...)."""
     path.write_text(manifests.to_yaml(*documents))

@@ -20,6 +20,7 @@ from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import LegacyWorkload, register_logs, start_webhook, unregister_logs
+from tests.e2e.gate import Applied, Apply
 from tests.e2e.manifests import DIGEST, PINNED, TAGGED, Manifest
 
 pytestmark = pytest.mark.e2e
@@ -27,29 +28,6 @@ pytestmark = pytest.mark.e2e
 WEBHOOK = gate_mod.WEBHOOK_NAME
 FIX = "deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>"
 
-Apply = Callable[..., "Applied"]
-
-
-@dataclass(frozen=True)
-class Applied:
-    path: Path
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-@pytest.fixture
-def kubectl_apply(cluster: Cluster, tmp_path: Path) -> Apply:
-    """``kubectl apply -f <file>`` of the given documents; the file path appears in kubectl's errors."""
-    counter = iter(range(1_000_000))
-
-    def apply(*documents: Manifest, args: tuple[str, ...] = ()) -> Applied:
-        path = tmp_path / f"manifest-{next(counter)}.yaml"
-        path.write_text(manifests.to_yaml(*documents))
-        result = cluster.kubectl("apply", *args, "-f", str(path), check=False)
-        return Applied(path, result.returncode, result.stdout, result.stderr)
-
-    return apply
 
 
 def denied(path: Path, *lines: str) -> str:

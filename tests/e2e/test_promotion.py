@@ -23,7 +23,7 @@ from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import solo_gate
-from tests.e2e.gate import Applied, SoloGate
+from tests.e2e.gate import Applied, Apply, SoloGate
 from tests.promotion_kit import REPOSITORY, Kit, cli, make_kit
 
 pytestmark = pytest.mark.e2e
@@ -31,7 +31,6 @@ pytestmark = pytest.mark.e2e
 WEBHOOK = gate_mod.WEBHOOK_NAME
 ENVIRONMENT_LABEL = gate_mod.ENVIRONMENT_LABEL
 
-Apply = Callable[..., Applied]
 
 
 @pytest.fixture(scope="module")
@@ -59,16 +58,6 @@ def promotion_gate(request: pytest.FixtureRequest, cluster: Cluster, core: Any, 
 def image(request: pytest.FixtureRequest) -> str:
     """A digest of this test's own: the store is shared by the module's tests, their records are not."""
     return f"{REPOSITORY}@sha256:{hashlib.sha256(request.node.nodeid.encode()).hexdigest()}"
-
-
-@pytest.fixture
-def kubectl_apply(cluster: Cluster, tmp_path: Path) -> Apply:
-    counter = itertools.count()
-
-    def apply(*documents: manifests.Manifest, args: tuple[str, ...] = ()) -> Applied:
-        return gate_mod.apply_file(cluster, tmp_path / f"manifest-{next(counter)}.yaml", *documents, args=args)
-
-    return apply
 
 
 # --- the pipeline's side: the CLI against the server's API --------------------------------------------

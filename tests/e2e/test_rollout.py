@@ -9,7 +9,6 @@ Break-glass is exercised the way it happens on call: the admin impersonates the 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -21,7 +20,7 @@ from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import solo_gate
-from tests.e2e.gate import Applied, SoloGate
+from tests.e2e.gate import Apply, SoloGate
 from tests.e2e.manifests import TAGGED
 from tests.promotion_kit import make_kit
 from webhook.admission import MAX_WARNING_CHARS
@@ -32,7 +31,6 @@ WEBHOOK = gate_mod.WEBHOOK_NAME
 BREAK_GLASS = "promotion-gate.io/break-glass"
 FIX = "deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>"
 
-Apply = Callable[..., Applied]
 GateInMode = Callable[[str], SoloGate]
 
 
@@ -49,16 +47,6 @@ def gate_in_mode(request: pytest.FixtureRequest, cluster: Cluster, core: Any, ga
                                                  extra=["--server-key", str(kit.key("ci"))]))
 
         yield start
-
-
-@pytest.fixture
-def kubectl_apply(cluster: Cluster, tmp_path: Path) -> Apply:
-    counter = itertools.count()
-
-    def apply(*documents: manifests.Manifest, args: tuple[str, ...] = ()) -> Applied:
-        return gate_mod.apply_file(cluster, tmp_path / f"manifest-{next(counter)}.yaml", *documents, args=args)
-
-    return apply
 
 
 def mutable_tag(namespace: str, name: str) -> str:

@@ -174,7 +174,7 @@ class SqlStore:
                         conn.execute(schema.schema_version.insert().values(version=version))
                 return len(schema.MIGRATIONS)
         except OperationalError as exc:
-            raise StoreError(f"cannot open store {redact(str(self.url))}: {exc.orig or exc}") from exc
+            raise StoreUnavailable(f"cannot open store {redact(str(self.url))}: {exc.orig or exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {exc}") from exc
 
@@ -224,10 +224,7 @@ class SqlStore:
         return found
 
     def records_for_digest(self, digest: str) -> list[StoredRecord]:
-        with self._reading() as conn:
-            rows = conn.execute(sa.select(schema.records).where(schema.records.c.digest == digest)
-                                .order_by(schema.records.c.seq)).all()
-        return [self._stored(r) for r in rows]
+        return self.records_for_digests([digest])[digest]
 
     def find_records(self, *, repository: str | None = None, digest: str | None = None,
                      environment: str | None = None, limit: int = 100, after: int = 0) -> list[StoredRecord]:

@@ -1,10 +1,13 @@
 """The admission path's view of the store: a deadline, verified-verdict caching, fail-closed.
 
-Records are immutable, so the expensive part — signature verification — is memoised per record id
-for the life of the process (the policy, and so the trusted keys, is fixed per process). Each lookup
-still reads the digest's rows so that a revocation is honoured at once; only when the store does not
-answer within the deadline does a cached verdict younger than ``cache_seconds`` stand in, and
-otherwise the answer is ``store-unavailable``.
+Records are append-only and appended one at a time under a lock, so the highest sequence number (the
+*version*) changes whenever anything — a promotion, a revocation — is added. Each request asks the
+store for that version (one index-only query, under the deadline); verdicts evaluated at the same
+version are still exact and are reused, anything else is read and evaluated again, so a revocation
+applies to the very next request. Signature verification is memoised per record id (records are
+immutable; the trusted keys are fixed per process). Only when the store does not answer within the
+deadline may a verdict of the last version seen stand in, for ``cache_seconds`` after the store last
+confirmed that version; otherwise the answer is ``store-unavailable``.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from webhook.store.errors import StoreError
 from webhook.store.sql import SqlStore
 
 VERIFIED_CACHE_SIZE = 100_000
+# (record version, states per environment, environments admission has answered for)
+Entry = tuple[int, dict[str, PromotionStatus], set[str]]
 VERDICT_CACHE_SIZE = 50_000
 
 
@@ -57,72 +62,71 @@ class CachedRecordView:
         self._deadline = policy.store_timeout_seconds
         self._ttl = policy.cache_seconds
         self._verified = _Lru(VERIFIED_CACHE_SIZE)
-        self._verdicts = _Lru(VERDICT_CACHE_SIZE)
-        self._lock = threading.Lock()
-        self._version: int | None = None
-        self._evaluated: dict[Subject, dict[str, PromotionStatus]] = {}
+        self._verdicts = _Lru(VERDICT_CACHE_SIZE)  # subject -> Entry
+        self._version: int | None = None  # the last version the store reported ...
+        self._confirmed_at = 0.0  # ... and when (time.monotonic)
+        self._confirm_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
         self._hit = metrics.cache.labels(result="hit")
         self._miss = metrics.cache.labels(result="miss")
+        self._stale = metrics.cache.labels(result="stale-served")
 
     def _verify(self, stored: StoredRecord, environment: Environment) -> frozenset[str]:
         key = (stored.id, environment.name)
         cached = self._verified.get_item(key)
         if isinstance(cached, frozenset):
-            self._hit.inc()
             return cached
-        self._miss.inc()
         verified = promotion_rules.verify_signatures(stored, environment)
         self._verified.put(key, verified)
         return verified
 
-    def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, dict[str, PromotionStatus]]:
+    def _entry(self, subject: Subject, version: int | None) -> Entry | None:
+        entry = self._verdicts.get_item(subject)
+        if isinstance(entry, tuple) and entry[0] == version:
+            return entry
+        return None
+
+    def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, Entry]:
         started = time.perf_counter()
         try:
-            # Records are append-only and appended one at a time under a lock, so the highest sequence
-            # number changes whenever anything (a promotion, a revocation) is added. While it stands
-            # still, evaluations made at that version are still exact: one index-only query per request.
             version = self._store.records_version()
-            with self._lock:
-                if version != self._version:
-                    self._evaluated.clear()
-                    self._version = version
-                known = {s: self._evaluated[s] for s in subjects if s in self._evaluated}
-            missing = [s for s in subjects if s not in known]
+            with self._confirm_lock:  # lookups finish out of order: never step back to an older version
+                if self._version is None or version >= self._version:
+                    self._version, self._confirmed_at = version, time.monotonic()
+            answers = {s: entry for s in subjects if (entry := self._entry(s, version)) is not None}
+            self._hit.inc(len(answers))
+            missing = [s for s in subjects if s not in answers]
             if not missing:
-                self._hit.inc()
-                return known
+                return answers
+            self._miss.inc(len(missing))
             stored = self._store.records_for_digests([digest for _, digest in missing])
         finally:
             self._metrics.store_latency.observe(time.perf_counter() - started)
-        fresh = {(repository, digest): promotion_rules.evaluate(self._policy, stored.get(digest, []), repository,
-                                                                digest, verifier=self._verify)
-                 for repository, digest in missing}
-        with self._lock:
-            if self._version == version and len(self._evaluated) < VERDICT_CACHE_SIZE:
-                self._evaluated.update(fresh)
-        return {**known, **fresh}
+        for repository, digest in missing:
+            states = promotion_rules.evaluate(self._policy, stored[digest], repository, digest, verifier=self._verify)
+            answers[(repository, digest)] = entry = (version, states, set())
+            self._verdicts.put((repository, digest), entry)
+        return answers
 
     def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
         future = self._pool.submit(self._lookup, subjects)
         try:
-            states = future.result(timeout=self._deadline)
+            entries = future.result(timeout=self._deadline)
         except (FutureTimeout, StoreError) as exc:
             self._metrics.store_errors.labels(operation="lookup").inc()
             detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
-            return {subject: self._cached(subject, environment, detail) for subject in subjects}
-        now = time.monotonic()
+            return {subject: self._fallback(subject, environment, detail) for subject in subjects}
         answers = {}
         for subject in subjects:
-            fresh = states[subject].get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
-            self._verdicts.put((*subject, environment), (now, fresh))
-            answers[subject] = fresh
+            _, states, asked = entries[subject]
+            asked.add(environment)
+            answers[subject] = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
         return answers
 
-    def _cached(self, subject: Subject, environment: str, detail: str) -> PromotionStatus:
-        cached = self._verdicts.get_item((*subject, environment))
-        if isinstance(cached, tuple) and time.monotonic() - cached[0] <= self._ttl:
-            self._metrics.cache.labels(result="stale-served").inc()
-            status: PromotionStatus = cached[1]
-            return status
+    def _fallback(self, subject: Subject, environment: str, detail: str) -> PromotionStatus:
+        # Only a verdict admission has actually given (this digest, this environment) stands in.
+        entry = self._entry(subject, self._version)
+        if entry is not None and environment in entry[2] and time.monotonic() - self._confirmed_at <= self._ttl:
+            self._stale.inc()
+            return entry[1].get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
         return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)
