@@ -15,7 +15,7 @@ help:
 	@echo "make run        serve the webhook on https://127.0.0.1:8443 (SQLite store under ./var/)"
 	@echo "make test       lint, then the whole suite (unit, PostgreSQL, real kube-apiserver)"
 	@echo "make unit       the suite without the control-plane tests"
-	@echo "make lint       ruff and mypy"
+	@echo "make lint       ruff, mypy and the import layers (import-linter)"
 	@echo "make bench      benchmarks, reported as ratios against a baseline (docs/benchmarks.md)"
 	@echo "make manifests  re-render manifests/ from the Helm chart"
 	@echo "make e2e-kind   the end-to-end suite against a kind cluster (needs Docker)"
@@ -47,6 +47,7 @@ run: venv
 lint: venv
 	$(BIN)/ruff check webhook tests tools
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 unit: venv system-deps toolchain
 	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)

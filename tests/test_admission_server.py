@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer
-from tests.reviews import DIGEST, POD_SPEC_PATH, review, workload
+from tools.reviews import DIGEST, POD_SPEC_PATH, review, workload
+from tools.servers import RunningServer
 
 KINDS = sorted(POD_SPEC_PATH)
 

@@ -9,9 +9,9 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.conftest import RunningServer
-from tests.promotion_kit import Kit, cli, make_kit, policy_document
-from tests.reviews import review, workload
+from tools.promotion_kit import Kit, cli, make_kit, policy_document
+from tools.reviews import review, workload
+from tools.servers import RunningServer
 from webhook.store import open_store
 from webhook.store.audit_chain import canonical, chain_hash
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.promotion_kit import IMAGE, cli, make_kit
-from tests.reviews import DIGEST, workload
+from tools.promotion_kit import IMAGE, cli, make_kit
+from tools.reviews import DIGEST, workload
 
 DEPLOY = workload("Deployment", ["ghcr.io/acme/payment-api:1.4"], name="payment-api", namespace="payments")
 DEPLOY_LINE = ('[mutable-tag] Deployment payments/payment-api spec.template.spec.containers[0] "c0": image '

@@ -5,15 +5,15 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from tests.promotion_kit import DIGEST, IMAGE, REPOSITORY, cli, make_kit
-from webhook import keys
+from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, cli, make_kit
+from webhook import key_files
 
 
 def test_keys_generate_show_and_refuse_to_overwrite(tmp_path: Path) -> None:
     private = tmp_path / "ci.pem"
     made = cli("keys", "generate", "--out", str(private), "--algorithm", "ecdsa-p256")
     assert made.returncode == 0, made.stderr
-    key_id = keys.load_signing_key(private).key_id
+    key_id = key_files.load_signing_key(private).key_id
     assert made.stdout == f"private key: {private}\npublic key:  {private}.pub\nkey id:      {key_id}\n"
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     shown = cli("keys", "show", f"{private}.pub")

@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.reviews import DIGEST, review, workload
-from webhook import admission, decision, policy
-from webhook.decision import Promotion, PromotionStatus, Subject
+from tools.reviews import DIGEST, review, workload
+from webhook import policy_file as policy
+from webhook.core import decision
+from webhook.core import review as admission
+from webhook.core.promotion import Promotion, PromotionStatus, Subject
 
 
 class Records:
@@ -112,8 +114,8 @@ class _BrokenStream:
 
 @pytest.mark.parametrize(("on_failure", "allowed"), [("deny", False), ("allow", True)])
 def test_a_decision_log_that_cannot_be_written_never_causes_a_500(on_failure: str, allowed: bool) -> None:
-    from webhook import server
-    from webhook.audit import StdoutDecisionLog
+    from webhook.decision_log import StdoutDecisionLog
+    from webhook.server import app as server
 
     strict = policy.parse({"apiVersion": "promotion-gate.io/v1", "kind": "Policy",
                            "audit": {"onWriteFailure": on_failure}}, base_dir=Path("."))

@@ -15,12 +15,18 @@ import pytest
 from click.testing import CliRunner
 from cryptography import x509
 
-from tests.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, ci_record, envelope, make_kit
-from webhook import cli_operator, keys, promotion_rules, records, tls_rotation
-from webhook import operator as op
-from webhook import policy as policy_mod
+from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, ci_record, envelope, make_kit
+from webhook import policy_file as policy_mod
+from webhook.cli import operator as cli_operator
+from webhook.core import keys, promotion_rules, records
+from webhook.core.records import RecordKind
+from webhook.ledger import Ledger
+from webhook.operator import certificates as tls_rotation
+from webhook.operator import kopf_app
+from webhook.operator import promotions as op
+from webhook.operator.certificates import SecretAction
+from webhook.operator.promotions import Phase
 from webhook.store import SqlStore, open_store
-from webhook.tls_rotation import SecretAction
 
 CREATED = "2026-11-25T10:00:00Z"
 OTHER_DIGEST = "sha256:" + "b" * 64
@@ -72,7 +78,7 @@ def reconcile(store: SqlStore, policy: policy_mod.Policy, kit: Kit) -> Reconcile
     def run(spec: Mapping[str, Any], meta: Mapping[str, Any], status: Mapping[str, Any] | None = None, *,
             signer: keys.SigningKey | str | None = "ci", on: SqlStore | None = None) -> op.Outcome | None:
         key = kit.signing_key(signer) if isinstance(signer, str) else signer
-        return op.reconcile(spec, meta, status or {}, store=on or store, policy=policy, signer=key)
+        return op.reconcile(spec, meta, status or {}, records_ledger=Ledger(on or store, policy), signer=key)
     return run
 
 
@@ -82,7 +88,7 @@ def unreachable_store() -> SqlStore:
 
 def recorded(reconcile: Reconcile, environment: str, **kwargs: Any) -> op.Outcome:
     outcome = reconcile(*promotion(environment, **{"evidence": CI_EVIDENCE, **kwargs}))
-    assert outcome is not None and outcome.phase == op.RECORDED, outcome
+    assert outcome is not None and outcome.phase == Phase.RECORDED, outcome
     return outcome
 
 
@@ -100,10 +106,11 @@ def test_a_valid_ci_promotion_is_recorded(reconcile: Reconcile, store: SqlStore,
     assert stored.submitted_by == "kubernetes:payments/payment-api-ci"
     assert [s.keyid for s in stored.envelope.signatures] == [kit.signing_key("ci").key_id]
     assert stored.record == records.Record(
-        "promotion", REPOSITORY, DIGEST, "ci", None, CREATED, "kubernetes:payments/payment-api-ci",
-        records.Source("4f2c9e1", "github.com/acme/payment-api", "run-8812", "https://ci.example/run/8812"),
-        records.Tests(120, 0), records.Scan("trivy", {"critical": 0, "high": 0, "medium": 3}), (),
-        f"build 8812 (Promotion payments/payment-api-ci uid {meta['uid']} generation 1)")
+        kind=RecordKind.PROMOTION, repository=REPOSITORY, digest=DIGEST, environment="ci", at=CREATED,
+        by="kubernetes:payments/payment-api-ci",
+        source=records.Source("4f2c9e1", "github.com/acme/payment-api", "run-8812", "https://ci.example/run/8812"),
+        tests=records.Tests(120, 0), scan=records.Scan("trivy", {"critical": 0, "high": 0, "medium": 3}),
+        reason=f"build 8812 (Promotion payments/payment-api-ci uid {meta['uid']} generation 1)")
 
 
 def test_a_restart_re_signs_the_same_record(reconcile: Reconcile, store: SqlStore) -> None:
@@ -112,14 +119,14 @@ def test_a_restart_re_signs_the_same_record(reconcile: Reconcile, store: SqlStor
     assert first is not None and first.record_id
     # The operator stopped after storing but before writing status: it signs again, gets a duplicate.
     again = reconcile(spec, meta, {})
-    assert again == op.Outcome(op.RECORDED, f'{IMAGE} was already recorded for environment "ci"', 1, first.record_id)
+    assert again == op.Outcome(Phase.RECORDED, f'{IMAGE} was already recorded for environment "ci"', 1, first.record_id)
     assert store.record_count() == 1
     # Status already says Recorded for this generation: the store is not even asked.
     assert reconcile(spec, meta, first.status(), on=unreachable_store()) is None
     # A new generation (the spec was edited) is a new record.
     edited = {**spec, "evidence": {**CI_EVIDENCE, "reason": "rebuilt"}}
     newer = reconcile(edited, {**meta, "generation": 2}, first.status())
-    assert newer is not None and newer.phase == op.RECORDED and newer.record_id != first.record_id
+    assert newer is not None and newer.phase == Phase.RECORDED and newer.record_id != first.record_id
     assert store.record_count() == 2
 
 
@@ -152,7 +159,7 @@ def test_production_with_the_operator_key_alone_is_rejected(reconcile: Reconcile
     assert production is not None
     trusted = ", ".join(promotion_rules.short(k) for k in sorted(production.trusted_key_ids))
     assert outcome == op.Outcome(
-        op.REJECTED, 'rule signatures: environment "production" requires 2 signature(s) from distinct trusted '
+        Phase.REJECTED, 'rule signatures: environment "production" requires 2 signature(s) from distinct trusted '
                      f"keys, found 0 (trusted keys: {trusted})", 1)
     assert outcome.status()["recordId"] is None  # a stale id from an earlier generation is removed
     assert store.record_count() == 2
@@ -165,11 +172,11 @@ def test_production_with_an_envelope_signed_by_two_approvers_is_recorded(reconci
     signed = envelope(kit, ci_record(environment="production", promoted_from="staging", approvers=("alice", "bob")),
                       "release", "approver-a")
     outcome = reconcile(*promotion("production", envelope_json=signed.dumps()))
-    assert outcome == op.Outcome(op.RECORDED, f'{IMAGE} recorded for environment "production"', 1,
+    assert outcome == op.Outcome(Phase.RECORDED, f'{IMAGE} recorded for environment "production"', 1,
                                  records.record_id(signed))
     # The same envelope again (a restart, or a second object carrying it) is the same record.
     again = reconcile(*promotion("production", envelope_json=signed.dumps(), name="copy"))
-    assert again is not None and (again.phase, again.record_id) == (op.RECORDED, records.record_id(signed))
+    assert again is not None and (again.phase, again.record_id) == (Phase.RECORDED, records.record_id(signed))
     assert store.record_count() == 3
 
 
@@ -185,7 +192,7 @@ def test_production_with_an_envelope_signed_by_two_approvers_is_recorded(reconci
 def test_rule_violations_are_rejected_with_the_stores_reason(reconcile: Reconcile, store: SqlStore, environment: str,
                                                              changes: dict[str, Any], reason: str) -> None:
     outcome = reconcile(*promotion(environment, evidence={**CI_EVIDENCE, **changes}))
-    assert outcome == op.Outcome(op.REJECTED, reason, 1)
+    assert outcome == op.Outcome(Phase.REJECTED, reason, 1)
     assert store.record_count() == 0
 
 
@@ -201,26 +208,26 @@ def test_rule_violations_are_rejected_with_the_stores_reason(reconcile: Reconcil
 def test_an_envelope_for_something_else_is_rejected(reconcile: Reconcile, store: SqlStore, kit: Kit,
                                                     record: records.Record, environment: str, reason: str) -> None:
     outcome = reconcile(*promotion(environment, envelope_json=envelope(kit, record, "ci").dumps()))
-    assert outcome == op.Outcome(op.REJECTED, reason, 1)
+    assert outcome == op.Outcome(Phase.REJECTED, reason, 1)
     assert store.record_count() == 0
 
 
 def test_an_envelope_must_hold_a_promotion(reconcile: Reconcile, kit: Kit) -> None:
-    revocation = records.Record("revocation", REPOSITORY, DIGEST, "ci", None, CREATED, "ci-bot", reason="CVE")
+    revocation = records.Record(kind=RecordKind.REVOCATION, repository=REPOSITORY, digest=DIGEST, environment="ci", at=CREATED, by="ci-bot", reason="CVE")
     outcome = reconcile(*promotion("ci", envelope_json=envelope(kit, revocation, "ci").dumps()))
-    assert outcome == op.Outcome(op.REJECTED, "spec.envelope holds a revocation record; a Promotion carries a "
+    assert outcome == op.Outcome(Phase.REJECTED, "spec.envelope holds a revocation record; a Promotion carries a "
                                               "promotion record (revoke with 'promotion-gate revoke')", 1)
     malformed = reconcile(*promotion("ci", envelope_json="{not json"))
-    assert malformed == op.Outcome(op.REJECTED, "spec.envelope: malformed envelope: envelope is not valid JSON", 1)
+    assert malformed == op.Outcome(Phase.REJECTED, "spec.envelope: malformed envelope: envelope is not valid JSON", 1)
 
 
 def test_without_a_signing_key_only_envelopes_are_recorded(reconcile: Reconcile, kit: Kit) -> None:
     outcome = reconcile(*promotion("ci", evidence=CI_EVIDENCE), signer=None)
-    assert outcome == op.Outcome(op.REJECTED, "spec.envelope is required: this operator has no signing key (--key), "
+    assert outcome == op.Outcome(Phase.REJECTED, "spec.envelope is required: this operator has no signing key (--key), "
                                               "so it only stores pre-signed envelopes", 1)
     signed = envelope(kit, ci_record(), "ci")
     outcome = reconcile(*promotion("ci", envelope_json=signed.dumps()), signer=None)
-    assert outcome is not None and outcome.phase == op.RECORDED
+    assert outcome is not None and outcome.phase == Phase.RECORDED
 
 
 # --- the spec itself --------------------------------------------------------------------------------
@@ -251,7 +258,7 @@ def test_a_bad_spec_is_rejected_with_the_field_and_the_fix(reconcile: Reconcile,
                                                            evidence_changes: dict[str, Any], reason: str) -> None:
     spec, meta = promotion("ci", evidence={**CI_EVIDENCE, **evidence_changes})
     spec.update(spec_changes)
-    assert reconcile(spec, meta) == op.Outcome(op.REJECTED, reason, 1)
+    assert reconcile(spec, meta) == op.Outcome(Phase.REJECTED, reason, 1)
     assert store.record_count() == 0
 
 
@@ -261,9 +268,10 @@ def test_a_bad_spec_is_rejected_with_the_field_and_the_fix(reconcile: Reconcile,
 def test_an_unreachable_store_leaves_the_promotion_pending(kit: Kit) -> None:
     policy = policy_mod.load(kit.policy_path)
     spec, meta = promotion("ci", evidence=CI_EVIDENCE)
-    outcome = op.reconcile(spec, meta, {}, store=unreachable_store(), policy=policy, signer=kit.signing_key("ci"))
+    outcome = op.reconcile(spec, meta, {}, records_ledger=Ledger(unreachable_store(), policy),
+                           signer=kit.signing_key("ci"))
     assert outcome is not None
-    assert (outcome.phase, outcome.record_id, outcome.generation) == (op.PENDING, None, 1)
+    assert (outcome.phase, outcome.record_id, outcome.generation) == (Phase.PENDING, None, 1)
     assert outcome.reason.startswith("store unavailable, will retry: ")
 
 
@@ -384,7 +392,7 @@ def test_a_rotated_ca_is_published_next_to_the_old_one(issued: dict[str, bytes])
 
 def invoke(*args: str) -> Any:
     main = click.Group("promotion-gate")
-    cli_operator.register(main)
+    main.add_command(cli_operator.operator_command, "operator")
     return CliRunner().invoke(main, ["operator", *args], env={"PROMOTION_GATE_STORE": None,
                                                                "PROMOTION_GATE_POLICY": None,
                                                                "PROMOTION_GATE_OPERATOR_KEY": None})
@@ -450,12 +458,12 @@ def test_the_operators_own_namespace(tmp_path: Path) -> None:
     (None, {}, str(Path("~/.kube/config").expanduser())),
 ])
 def test_how_the_api_server_is_reached(option: str | None, environ: dict[str, str], kubeconfig: str | None) -> None:
-    assert cli_operator.kube_access(option, environ) == op.KubeAccess(kubeconfig)
+    assert cli_operator.kube_access(option, environ) == kopf_app.KubeAccess(kubeconfig)
 
 
 def test_operator_starts_when_the_store_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:
     # Certificates do not need the store: the operator keeps going and Promotions stay Pending.
-    from tests.conftest import free_port
+    from tools.servers import free_port
 
     url = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
     with caplog.at_level("WARNING"):

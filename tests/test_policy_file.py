@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
-from tests.promotion_kit import cli
-from webhook import policy
+from tools.promotion_kit import cli
+from tools.servers import REPO
+from webhook import policy_file as policy
 
 HEAD = "apiVersion: promotion-gate.io/v1\nkind: Policy\n"
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer, free_port
-from tests.promotion_kit import DIGEST, Kit, ci_record, cli, envelope, make_kit
+from tools.promotion_kit import DIGEST, Kit, ci_record, cli, envelope, make_kit
+from tools.servers import RunningServer, free_port
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def kit(tmp_path_factory: pytest.TempPathFactory) -> Kit:
 
 @pytest.fixture(scope="module")
 def gate(kit: Kit, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tests.conftest import start_server
+    from tools.servers import start_server
 
     root = tmp_path_factory.mktemp("api")
     server = start_server(root, policy=kit.policy_path.read_text(), store=f"sqlite:///{root / 'store.db'}")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from webhook import references
-from webhook.references import Pinning
+from webhook.core import references
+from webhook.core.references import Pinning
 
 H64 = "a" * 64
 H128 = "b" * 128

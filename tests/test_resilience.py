@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import PostgresServer, RunningServer
-from tests.promotion_kit import IMAGE, cli, make_kit, policy_document
-from tests.reviews import review, workload
+from tools.promotion_kit import IMAGE, cli, make_kit, policy_document
+from tools.reviews import review, workload
+from tools.servers import PostgresServer, RunningServer
 from webhook import certs
 
 

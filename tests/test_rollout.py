@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import RunningServer, start_server
-from tests.reviews import DIGEST, review, workload
+from tools.reviews import DIGEST, review, workload
+from tools.servers import RunningServer, start_server
 
 BASE = {
     "apiVersion": "promotion-gate.io/v1",

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningServer
-from tests.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, cli, make_kit
-from tests.reviews import review, workload
+from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, cli, make_kit
+from tools.reviews import review, workload
+from tools.servers import RunningServer
 
 
 @pytest.fixture

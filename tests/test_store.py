@@ -11,9 +11,12 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from tests.promotion_kit import DIGEST, REPOSITORY, Kit, ci_record, envelope, make_kit
-from webhook import dsse, policy, promotion_rules, records
-from webhook.decision import Promotion
+from tools.promotion_kit import DIGEST, REPOSITORY, Kit, ci_record, envelope, make_kit
+from webhook import policy_file as policy
+from webhook.core import dsse, promotion_rules, records
+from webhook.core.policy import Policy
+from webhook.core.promotion import Promotion, StoredRecord
+from webhook.core.records import RecordKind, SignedRecord
 from webhook.store import DuplicateRecord, SqlStore, open_store
 
 
@@ -29,13 +32,18 @@ def store(store_url: str) -> SqlStore:
     return s
 
 
-def rules(kit: Kit) -> policy.Policy:
+def rules(kit: Kit) -> Policy:
     return policy.load(kit.policy_path)
 
 
-def add(store: SqlStore, kit: Kit, record: records.Record, *signers: str) -> promotion_rules.StoredRecord:
-    env = envelope(kit, record, *signers)
-    return store.add_record(rules(kit), env, record, "test")
+def store_record(store: SqlStore, rules: Policy, env: dsse.Envelope, record: records.Record) -> StoredRecord:
+    """Append with the promotion rules as the acceptance check, as the ledger does."""
+    return store.add_record(SignedRecord(env, record), "test",
+                            lambda existing: promotion_rules.check_acceptance(rules, env, record, existing))
+
+
+def add(store: SqlStore, kit: Kit, record: records.Record, *signers: str) -> StoredRecord:
+    return store_record(store, rules(kit), envelope(kit, record, *signers), record)
 
 
 def states(store: SqlStore, kit: Kit) -> dict[str, str]:
@@ -62,8 +70,7 @@ def test_seed_story_in_the_store(store: SqlStore, kit: Kit) -> None:
         'rule signatures: environment "production" requires 2 signature(s) from distinct trusted keys, found 1')
     add(store, kit, production(), "release", "approver-b")
     assert states(store, kit)["production"] == "promoted"
-    revocation = records.Record("revocation", REPOSITORY, DIGEST, "production", None, "2026-11-25T12:00:00Z",
-                                "security", reason="CVE-2026-0001")
+    revocation = records.Record(kind=RecordKind.REVOCATION, repository=REPOSITORY, digest=DIGEST, environment="production", at="2026-11-25T12:00:00Z", by="security", reason="CVE-2026-0001")
     add(store, kit, revocation, "release")
     assert states(store, kit) == {"ci": "promoted", "staging": "promoted", "production": "not-promoted"}
 
@@ -92,7 +99,7 @@ REFUSALS = {
                                     'rule promotedFrom: "ci" is the first environment; promotedFrom must be absent, '
                                     'got "dev"'),
     "revoking what was never promoted": (
-        lambda: records.Record("revocation", REPOSITORY, DIGEST, "ci", None, "t", "x", reason="r"), ("ci",),
+        lambda: records.Record(kind=RecordKind.REVOCATION, repository=REPOSITORY, digest=DIGEST, environment="ci", at="t", by="x", reason="r"), ("ci",),
         "revocation", f'rule revocation: {REPOSITORY}@{DIGEST} was never promoted to "ci"; nothing to revoke'),
 }
 
@@ -119,9 +126,9 @@ def test_skipping_an_environment_is_refused(store: SqlStore, kit: Kit) -> None:
 def test_duplicate_envelope_is_refused(store: SqlStore, kit: Kit) -> None:
     record = ci_record()
     env = envelope(kit, record, "ci")
-    store.add_record(rules(kit), env, record, "test")
+    store_record(store, rules(kit), env, record)
     with pytest.raises(DuplicateRecord):
-        store.add_record(rules(kit), env, record, "test")
+        store_record(store, rules(kit), env, record)
     assert store.record_count() == 1
 
 
@@ -132,7 +139,7 @@ def test_one_key_signing_twice_counts_once(store: SqlStore, kit: Kit) -> None:
     env = envelope(kit, record, "release")
     doubled = dsse.Envelope(env.payload_type, env.payload, (*env.signatures, dsse.Signature("", env.signatures[0].sig)))
     with pytest.raises(promotion_rules.RuleViolation, match="found 1"):
-        store.add_record(rules(kit), doubled, record, "test")
+        store_record(store, rules(kit), doubled, record)
 
 
 def test_forged_payload_does_not_verify(store: SqlStore, kit: Kit) -> None:
@@ -142,7 +149,7 @@ def test_forged_payload_does_not_verify(store: SqlStore, kit: Kit) -> None:
     forged_record = ci_record(digest="sha256:" + "e" * 64)
     forged = dsse.Envelope(env.payload_type, records.payload(forged_record), env.signatures)
     with pytest.raises(promotion_rules.RuleViolation, match="found 0"):
-        store.add_record(rules(kit), forged, forged_record, "test")
+        store_record(store, rules(kit), forged, forged_record)
 
 
 def test_re_signed_by_an_untrusted_key_claiming_a_trusted_keyid(store: SqlStore, kit: Kit) -> None:
@@ -151,7 +158,7 @@ def test_re_signed_by_an_untrusted_key_claiming_a_trusted_keyid(store: SqlStore,
     claimed = kit.signing_key("ci").key_id
     resigned = dsse.Envelope(env.payload_type, env.payload, (dsse.Signature(claimed, env.signatures[0].sig),))
     with pytest.raises(promotion_rules.RuleViolation, match="found 0"):
-        store.add_record(rules(kit), resigned, record, "test")
+        store_record(store, rules(kit), resigned, record)
 
 
 def test_key_removed_from_policy_makes_records_untrusted(store: SqlStore, kit: Kit, tmp_path: Path) -> None:
@@ -170,7 +177,7 @@ def test_revoking_staging_breaks_the_chain_to_production(store: SqlStore, kit: K
     add(store, kit, ci_record(), "ci")
     add(store, kit, staging(), "ci")
     add(store, kit, production(), "release", "approver-a")
-    add(store, kit, records.Record("revocation", REPOSITORY, DIGEST, "staging", None, "t", "sec", reason="r"), "ci")
+    add(store, kit, records.Record(kind=RecordKind.REVOCATION, repository=REPOSITORY, digest=DIGEST, environment="staging", at="t", by="sec", reason="r"), "ci")
     evaluated = promotion_rules.evaluate(rules(kit), store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
     assert evaluated["production"].state is Promotion.UNTRUSTED
     assert evaluated["production"].detail == 'chain broken: no valid record in "staging" for this digest'

@@ -27,6 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +37,15 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import PostgresServer, RunningServer, postgres_server, start_server  # noqa: E402
-from tests.promotion_kit import make_kit, policy_document  # noqa: E402
-from tests.reviews import review, workload  # noqa: E402
-from webhook import dsse, promotion_rules, records  # noqa: E402
-from webhook import policy as policy_mod  # noqa: E402
+from tools.promotion_kit import make_kit, policy_document  # noqa: E402
+from tools.reviews import review, workload  # noqa: E402
+from tools.servers import PostgresServer, RunningServer, postgres_server, start_server  # noqa: E402
+from webhook import policy_file as policy_mod  # noqa: E402
+from webhook.core import dsse, promotion_rules, records  # noqa: E402
+from webhook.core.records import RecordKind, SignedRecord  # noqa: E402
 from webhook.store import open_store  # noqa: E402
 
+NOW = records.timestamp(datetime.now(UTC))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
@@ -145,11 +148,13 @@ def seed(store_url: str, kit_root: Path, filler: int) -> tuple[list[str], str]:
     ci_key, release = kit.signing_key("ci"), kit.signing_key("release")
     for digest in real:
         for env, source, signer in (("ci", None, ci_key), ("staging", "ci", release)):
-            record = records.Record("promotion", "ghcr.io/acme/app", digest, env, source, records.now(), "bench",
-                                    records.Source("c0ffee", "github.com/acme/app", "1", ""),
-                                    records.Tests(10, 0), records.Scan("trivy", {"critical": 0, "high": 0}))
+            record = records.Record(kind=RecordKind.PROMOTION, repository="ghcr.io/acme/app", digest=digest,
+                                    environment=env, promoted_from=source, at=NOW, by="bench",
+                                    source=records.Source("c0ffee", "github.com/acme/app", "1", ""),
+                                    tests=records.Tests(10, 0), scan=records.Scan("trivy", {"critical": 0, "high": 0}))
             envelope = dsse.sign(records.payload(record), [signer])
-            store.add_record(policy, envelope, record, "bench")
+            store.add_record(SignedRecord(envelope, record), "bench",
+                             functools.partial(promotion_rules.check_acceptance, policy, envelope, record))
     batch: list[dict[str, Any]] = []
     filler_envelope = '{"payloadType":"application/vnd.in-toto+json","payload":"","signatures":[]}'
     for index, digest in enumerate(digests(filler, "filler")):
@@ -241,9 +246,9 @@ def scenario_ingest(tmp: Path) -> list[dict[str, Any]]:
         key = kit.signing_key("ci")
         bodies = []
         for digest in digests(400, "ingest"):
-            record = records.Record("promotion", "ghcr.io/acme/app", digest, "ci", None, records.now(), "bench",
-                                    records.Source("c", "r", "1", ""), records.Tests(1, 0),
-                                    records.Scan("s", {"critical": 0, "high": 0}))
+            record = records.Record(kind=RecordKind.PROMOTION, repository="ghcr.io/acme/app", digest=digest,
+                                    environment="ci", at=NOW, by="bench", source=records.Source("c", "r", "1", ""),
+                                    tests=records.Tests(1, 0), scan=records.Scan("s", {"critical": 0, "high": 0}))
             bodies.append(dsse.sign(records.payload(record), [key]).to_json())
         started = time.perf_counter()
         for body in bodies:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from webhook import keys
+from webhook import key_files
+from webhook.core import keys
 
 KEY_NAMES = ("ci", "release", "approver-a", "approver-b")
 
@@ -19,10 +20,10 @@ def main(var: Path) -> None:
     for name in KEY_NAMES:
         private = var / "keys" / f"{name}.pem"
         if not private.exists():
-            keys.write_key_pair(keys.generate(), private, private.with_name(private.name + ".pub"))
+            key_files.write_key_pair(keys.generate(), private, private.with_name(private.name + ".pub"))
     server_key = var / "server-key.pem"
     if not server_key.exists():
-        keys.write_key_pair(keys.generate(), server_key, server_key.with_name(server_key.name + ".pub"))
+        key_files.write_key_pair(keys.generate(), server_key, server_key.with_name(server_key.name + ".pub"))
     token_file, tokens = var / "dev-token", var / "tokens.yaml"
     if not token_file.exists() or not tokens.exists():
         token = secrets.token_urlsafe(32)

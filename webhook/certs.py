@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -14,14 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
-
-
-@dataclass(frozen=True)
-class IssuedPair:
-    ca_pem: bytes
-    ca_key_pem: bytes
-    cert_pem: bytes
-    key_pem: bytes
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -84,14 +75,6 @@ def issue(ca_pem: bytes, ca_key_pem: bytes, hosts: tuple[str, ...], *, days: int
         builder = builder.add_extension(_san(hosts), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
-
-
-def not_after(cert_pem: bytes) -> dt.datetime:
-    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
-
-
-def needs_renewal(cert_pem: bytes, *, within: dt.timedelta) -> bool:
-    return not_after(cert_pem) - dt.datetime.now(dt.UTC) < within
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:

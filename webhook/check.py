@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from webhook import decision, manifests, workloads
-from webhook.findings import Finding
-from webhook.policy import Policy
+from webhook import manifests
+from webhook.core import decision, workloads
+from webhook.core.findings import Finding
+from webhook.core.policy import Policy, Unmapped
+from webhook.core.promotion import RecordView
 
 
 @dataclass
@@ -24,11 +26,11 @@ class CheckReport:
         return 1 if self.denied else 0
 
 
-def run(paths: list[str], policy: Policy, environment: str | None, records: decision.RecordView) -> CheckReport:
+def run(paths: list[str], policy: Policy, environment: str | None, records: RecordView) -> CheckReport:
     report = CheckReport()
     if environment is None:
         # Without a target environment only the digest rule can be checked offline.
-        policy = replace(policy, unmapped="digest-only")
+        policy = replace(policy, unmapped=Unmapped.DIGEST_ONLY)
     for path in manifests.expand(paths):
         try:
             for doc in manifests.documents(path):
@@ -41,9 +43,9 @@ def run(paths: list[str], policy: Policy, environment: str | None, records: deci
                     report.errors.append(f"{doc.where}: {exc}")
                     continue
                 report.checked += 1
-                # Who applies the manifest is unknown offline: break-glass is not considered, every
-                # finding is reported.
-                verdict = decision.judge_workload(workload, workload.images, "", True, policy, environment, records)
+                # Who applies the manifest is unknown offline: every finding is reported.
+                verdict = decision.judge_workload(workload, workload.images, policy, environment, records,
+                                                  decision.OFFLINE)
                 # Offline, warn/audit modes do not soften the answer: the check says what enforce would do.
                 if verdict.findings:
                     report.denied += 1

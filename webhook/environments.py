@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any, Protocol
 
-from webhook.policy import Policy
+from webhook.core.policy import Policy
 
 ENVIRONMENT_LABEL = "promotion-gate.io/environment"
 log = logging.getLogger("promotion_gate.environments")

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from tests.chart.helm import render
-from tests.conftest import RunningServer
+from tools.servers import RunningServer
 from webhook import certs
 
 

@@ -14,7 +14,8 @@ from tests.chart.helm import DIGEST, NAMESPACE, Rendered, render, render_error, 
 from tests.chart.k8s_models import structural_errors
 from tools.render_manifests import CHART
 from webhook import cli as cli_mod
-from webhook import policy as policy_mod
+from webhook import policy_file as policy_mod
+from webhook.core.policy import Mode
 
 CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
 SQLITE = {"store.type": "sqlite", "replicaCount": 1}
@@ -308,7 +309,7 @@ def _policy(rendered: Rendered, tmp_path: Path) -> policy_mod.Policy:
 def test_default_policy_loads_with_the_servers_loader(default: Rendered, tmp_path: Path) -> None:
     policy = _policy(default, tmp_path)
     assert policy.environment_names == ("ci", "staging", "production")
-    assert policy.default_mode == policy_mod.Mode.ENFORCE
+    assert policy.default_mode == Mode.ENFORCE
     assert policy.unmapped == "deny"
     assert {"promotion-gate", "kube-system", "kube-public", "kube-node-lease"} <= policy.exempt_namespaces
 

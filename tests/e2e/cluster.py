@@ -27,7 +27,7 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tests.conftest import free_port
+from tools.servers import free_port
 from webhook import certs
 
 ClusterKind = Literal["local", "kind"]

@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import RunningServer, start_server
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import (
@@ -31,6 +30,7 @@ from tests.e2e.cluster import (
     size,
     tail,
 )
+from tools.servers import RunningServer, start_server
 
 HERE = Path(__file__).resolve().parent
 LOG_SOURCES = pytest.StashKey[dict[str, tuple[Path, int]]]()  # name -> (log, offset when registered)

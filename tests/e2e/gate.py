@@ -20,9 +20,9 @@ from typing import Any, TypeVar
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO, RunningServer
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
+from tools.servers import REPO, RunningServer
 
 CHART = REPO / "charts" / "promotion-gate"
 WEBHOOK_TEMPLATE = "templates/validatingwebhookconfiguration.yaml"

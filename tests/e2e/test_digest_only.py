@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import RunningServer
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import LegacyWorkload, register_logs, start_webhook, unregister_logs
 from tests.e2e.gate import Applied, Apply
 from tests.e2e.manifests import DIGEST, PINNED, TAGGED, Manifest
+from tools.servers import RunningServer
 
 pytestmark = pytest.mark.e2e
 

@@ -27,10 +27,10 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
+from tools.servers import REPO
 from webhook import certs
 
 pytestmark = pytest.mark.e2e

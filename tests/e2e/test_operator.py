@@ -20,11 +20,11 @@ import pytest
 from cryptography import x509
 from kubernetes.client.exceptions import ApiException
 
-from tests.conftest import REPO
 from tests.e2e import gate as gate_mod
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import register_logs, unregister_logs
-from tests.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, make_kit
+from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, make_kit
+from tools.servers import REPO
 from webhook.store import SqlStore, open_store
 
 pytestmark = pytest.mark.e2e

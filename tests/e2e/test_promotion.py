@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PostgresServer
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import solo_gate
 from tests.e2e.gate import Applied, Apply, SoloGate
-from tests.promotion_kit import REPOSITORY, Kit, cli, make_kit
+from tools.promotion_kit import REPOSITORY, Kit, cli, make_kit
+from tools.servers import PostgresServer
 
 pytestmark = pytest.mark.e2e
 

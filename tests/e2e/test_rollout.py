@@ -22,8 +22,8 @@ from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import solo_gate
 from tests.e2e.gate import Apply, SoloGate
 from tests.e2e.manifests import TAGGED
-from tests.promotion_kit import make_kit
-from webhook.admission import MAX_WARNING_CHARS
+from tools.promotion_kit import make_kit
+from webhook.core.review import MAX_WARNING_CHARS
 
 pytestmark = pytest.mark.e2e
 

@@ -1,4 +1,4 @@
-"""The tamper-evident decision log: a hash chain in the store, anchored by signed checkpoints.
+"""The tamper-evident decision log's persistence: the hash chain, checkpoints, and their verification.
 
 Each event's hash covers its sequence number, the previous event's hash and its own canonical JSON,
 so editing, deleting or reordering any stored event breaks the chain at that event. Someone able to
@@ -11,26 +11,14 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import logging
-import queue
-import threading
-import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import orjson
 
-from webhook import audit, keys
-from webhook.admission import AdmissionRequest
-from webhook.decision import Verdict
-from webhook.metrics import Metrics
-from webhook.policy import Policy
-from webhook.store.errors import StoreError, StoreUnavailable
-from webhook.store.sql import AuditEntry, SqlStore
+from webhook.core import keys
+from webhook.store.sql import SqlStore
 
 GENESIS = "0" * 64
-log = logging.getLogger("promotion_gate.audit")
 
 
 def canonical(event: dict[str, object]) -> str:
@@ -44,99 +32,6 @@ def chain_hash(seq: int, prev_hash: str, event_json: str) -> str:
 
 def checkpoint_message(event_seq: int, event_hash: str) -> bytes:
     return f"promotion-gate audit checkpoint v1\n{event_seq}\n{event_hash}".encode()
-
-
-class ChainedDecisionLog:
-    """Appends each decision to the chain with group commit, and to stdout.
-
-    Request threads hand their event to one writer thread and wait for its commit: under load the
-    writer commits whatever has queued up in one transaction, so many decisions share one fsync
-    while each request still learns whether its own event was stored (``audit.onWriteFailure``).
-    """
-
-    def __init__(self, store: SqlStore, policy: Policy, metrics: Metrics, *,
-                 server_key: keys.SigningKey | None = None, stdout: audit.StdoutDecisionLog | None = None,
-                 max_batch: int = 256) -> None:
-        self._store = store
-        self._policy = policy
-        self._metrics = metrics
-        self._key = server_key
-        self._stdout = stdout or audit.StdoutDecisionLog()
-        self._max_batch = max_batch
-        self._queue: queue.Queue[tuple[AuditEntry, Future[int]]] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
-        self._writer.start()
-
-    @staticmethod
-    def entry(original: dict[str, object]) -> AuditEntry:
-        event = dict(original)  # the writer thread owns this copy; the caller may go on changing its own
-        images = event.get("images")
-        digests = [str(i["digest"]) for i in images if isinstance(i, dict) and i.get("digest")] \
-            if isinstance(images, list) else []
-        reasons = event.get("reasons")
-
-        def build(seq: int, prev: str) -> tuple[str, str]:
-            event["seq"] = seq
-            text = canonical(event)
-            return text, chain_hash(seq, prev, text)
-
-        return AuditEntry(build, time=str(event["time"]), uid=str(event["uid"]), namespace=str(event["namespace"]),
-                          username=str(event["user"]), allowed=bool(event["allowed"]),
-                          reasons=",".join(str(r) for r in reasons) if isinstance(reasons, list) else "",
-                          digests=digests)
-
-    def append(self, event: dict[str, object], timeout: float | None = None) -> int:
-        done: Future[int] = Future()
-        self._queue.put((self.entry(event), done))
-        try:
-            return done.result(timeout=timeout)
-        except FutureTimeout as exc:
-            raise StoreUnavailable("audit write timed out") from exc
-
-    def _write_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                rows = self._store.append_audit([entry for entry, _ in batch])
-            except Exception as exc:  # every waiter learns of the failure; nothing is dropped silently
-                for _, done in batch:
-                    done.set_exception(exc if isinstance(exc, StoreError) else StoreError(str(exc)))
-                continue
-            for row, (_, done) in zip(rows, batch, strict=True):
-                done.set_result(row.seq)
-            if self._key is not None:
-                for row in rows:
-                    if row.seq % self._policy.audit_checkpoint_every == 0:
-                        try:
-                            self.checkpoint(row.seq, row.hash)
-                        except StoreError as exc:
-                            self._metrics.audit_errors.inc()
-                            log.error("checkpoint at event %s failed: %s", row.seq, exc)
-
-    def checkpoint(self, seq: int, event_hash: str) -> None:
-        assert self._key is not None
-        signature = base64.b64encode(self._key.sign(checkpoint_message(seq, event_hash))).decode()
-        self._store.add_checkpoint(seq, event_hash, audit.now_rfc3339(), self._key.key_id, signature)
-
-    def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
-        event = audit.audit_event(request, verdict, self._policy.digest)
-        started = time.perf_counter()
-        try:
-            self.append(event, timeout=self._policy.store_timeout_seconds)
-        except StoreError as exc:
-            self._metrics.audit_errors.inc()
-            log.error("audit event %s could not be stored: %s", request.uid, exc)
-            verdict = audit.audit_failure_verdict(verdict, self._policy.audit_on_write_failure, "store error")
-            event.update(allowed=verdict.allowed, auditStoreError=str(exc)[:200])
-        finally:
-            self._metrics.audit_latency.observe(time.perf_counter() - started)
-        self._stdout.write(event)
-        return verdict
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from webhook.core.errors import GateError
 
-class StoreError(RuntimeError):
+
+class StoreError(GateError, RuntimeError):
     """The store cannot be opened or used (bad URL, failed migration, I/O error)."""
 
 

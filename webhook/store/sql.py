@@ -8,6 +8,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,9 @@ from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, OperationalError, SQLAlchemyError
 
-from webhook import dsse, promotion_rules, records
-from webhook.policy import Policy
-from webhook.promotion_rules import StoredRecord
+from webhook.core import records
+from webhook.core.promotion import StoredRecord
+from webhook.core.records import SignedRecord
 from webhook.store import schema
 from webhook.store.errors import DuplicateRecord, StoreError, StoreUnavailable
 
@@ -48,10 +49,11 @@ def _normalise(url: str) -> URL:
     raise StoreError(f"unsupported store {parsed.drivername!r}: use sqlite:///… or postgresql://…")
 
 
-@functools.lru_cache(maxsize=PARSED_CACHE_SIZE)
-def _parse_envelope(envelope_json: str) -> tuple[dsse.Envelope, records.Record]:
-    envelope = dsse.parse(envelope_json)
-    return envelope, records.parse_statement(envelope.payload)
+# Stored envelopes are immutable, and the same ones are read again and again on the admission path.
+_parse_envelope = functools.lru_cache(maxsize=PARSED_CACHE_SIZE)(records.open_envelope)
+
+# Called inside the write transaction with every record already stored for the digest; raises to refuse.
+AcceptanceCheck = Callable[[Sequence[StoredRecord]], None]
 
 
 @dataclass(frozen=True)
@@ -178,22 +180,18 @@ class SqlStore:
         except SQLAlchemyError as exc:
             raise StoreError(f"migration failed: {exc}") from exc
 
-    def ping(self) -> None:
-        with self._reading() as conn:
-            conn.execute(sa.text("SELECT 1"))
-
     # --- records ------------------------------------------------------------------------------
 
     @staticmethod
     def _stored(row: Any) -> StoredRecord:
-        envelope, record = _parse_envelope(row.envelope)
-        return StoredRecord(row.seq, row.id, record, envelope, row.submitted_by, row.recorded_at)
+        signed = _parse_envelope(row.envelope)
+        return StoredRecord(seq=row.seq, id=row.id, record=signed.record, envelope=signed.envelope,
+                            submitted_by=row.submitted_by, stored_at=row.recorded_at)
 
-    def add_record(self, policy: Policy, envelope: dsse.Envelope, record: records.Record, submitted_by: str,
-                   *, check: Callable[[Policy, dsse.Envelope, records.Record, Sequence[StoredRecord]], None]
-                   = promotion_rules.check_acceptance) -> StoredRecord:
-        """Check the promotion rules and append, in one transaction: all or nothing."""
-        record_id = records.record_id(envelope)
+    def add_record(self, signed: SignedRecord, submitted_by: str, check: AcceptanceCheck) -> StoredRecord:
+        """Run ``check`` against the digest's stored records and append, in one transaction: all or nothing."""
+        envelope, record = signed.envelope, signed.record
+        record_id = signed.id
         envelope_json = envelope.dumps()
         with self._writing(RECORD_LOCK_KEY) as conn:
             if conn.execute(sa.select(schema.records.c.seq).where(schema.records.c.id == record_id)).first():
@@ -201,17 +199,18 @@ class SqlStore:
             existing = [self._stored(r) for r in conn.execute(
                 sa.select(schema.records).where(schema.records.c.digest == record.digest)
                 .order_by(schema.records.c.seq))]
-            check(policy, envelope, record, existing)
-            recorded_at = records.now()
+            check(existing)
+            recorded_at = records.timestamp(datetime.now(UTC))
             try:
                 result = conn.execute(schema.records.insert().values(
-                    id=record_id, kind=record.kind, repository=record.repository, digest=record.digest,
+                    id=record_id, kind=str(record.kind), repository=record.repository, digest=record.digest,
                     environment=record.environment, recorded_at=recorded_at, submitted_by=submitted_by,
                     envelope=envelope_json))
             except IntegrityError as exc:
                 raise DuplicateRecord(record_id) from exc
             seq = result.inserted_primary_key[0] if result.inserted_primary_key else 0
-        return StoredRecord(int(seq), record_id, record, envelope, submitted_by, recorded_at)
+        return StoredRecord(seq=int(seq), id=record_id, record=record, envelope=envelope, submitted_by=submitted_by,
+                            stored_at=recorded_at)
 
     def records_for_digests(self, digests: Sequence[str]) -> dict[str, list[StoredRecord]]:
         """All records of several digests in one query (the admission path's single round trip)."""
@@ -346,5 +345,13 @@ class SqlStore:
             return int(result.rowcount or 0)
 
 
-def open_store(url: str) -> SqlStore:
-    return SqlStore(url)
+def open_store(url: str, *, migrate: bool = False) -> SqlStore:
+    """Open the store at ``url``; with ``migrate``, bring its schema up to date first (idempotent)."""
+    store = SqlStore(url)
+    if migrate:
+        try:
+            store.migrate()
+        except StoreError:
+            store.close()
+            raise
+    return store

@@ -1,0 +1,20 @@
+"""``promotion-gate``: the command-line shell around the ledger, the decision log and the servers."""
+
+from __future__ import annotations
+
+import click
+
+from webhook.cli import audit, check, operator, records, server
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="promotion-gate")
+def main() -> None:
+    """Admit only image digests that were promoted to the target environment."""
+
+
+for command in (server.certs, check.check, server.serve, *records.COMMANDS, audit.audit_group,
+                operator.operator_command):
+    main.add_command(command)
+
+__all__ = ["main"]

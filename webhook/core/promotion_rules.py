@@ -1,0 +1,146 @@
+"""Promotion rules: which records the store accepts, and which records admit a digest.
+
+Both questions are pure functions of the policy and the records already stored for a digest, so the
+HTTP API, the CLI's local-store mode, the operator and admission all share them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from webhook.core import dsse
+from webhook.core.errors import Refused
+from webhook.core.policy import Environment, Policy
+from webhook.core.promotion import Promotion, PromotionStatus, StoredRecord
+from webhook.core.records import Record, RecordKind
+
+
+class RuleViolation(Refused):
+    """A record that breaks a promotion rule; ``rule`` names it, the message says what is missing."""
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(f"rule {rule}: {message}")
+        self.rule = rule
+
+
+def short(key_id: str) -> str:
+    return key_id[:12]
+
+
+Verifier = Callable[[StoredRecord, Environment], frozenset[str]]
+
+
+def verify_signatures(stored: StoredRecord, environment: Environment) -> frozenset[str]:
+    return dsse.verified_key_ids(stored.envelope, environment.trusted_keys)
+
+
+def _signature_problem(verified: frozenset[str], environment: Environment) -> str | None:
+    if not environment.trusted_keys:
+        return f'environment "{environment.name}" trusts no signing keys (policy: environments[].trustedKeys)'
+    if len(verified) < environment.required_signatures:
+        trusted = ", ".join(short(k) for k in sorted(environment.trusted_key_ids))
+        return (f'environment "{environment.name}" requires {environment.required_signatures} signature(s) from '
+                f"distinct trusted keys, found {len(verified)} (trusted keys: {trusted})")
+    return None
+
+
+def evaluate(
+    policy: Policy, stored: Sequence[StoredRecord], repository: str, digest: str,
+    verifier: Verifier = verify_signatures,
+) -> dict[str, PromotionStatus]:
+    """The current promotion state of one digest in every environment of the policy."""
+    relevant = sorted((s for s in stored if s.record.digest == digest and s.record.repository == repository),
+                      key=lambda s: s.seq)
+    states: dict[str, PromotionStatus] = {}
+    for environment in policy.environments:
+        in_env = [s for s in relevant if s.record.environment == environment.name]
+        last_revocation = max((s.seq for s in in_env if s.record.kind is RecordKind.REVOCATION), default=0)
+        candidates = [s for s in in_env if s.record.kind is RecordKind.PROMOTION and s.seq > last_revocation]
+        if not candidates:
+            detail = "revoked" if last_revocation else ""
+            states[environment.name] = PromotionStatus(Promotion.NOT_PROMOTED, detail=detail)
+            continue
+        previous = policy.previous_environment(environment.name)
+        problem = ""
+        admitted: StoredRecord | None = None
+        for candidate in reversed(candidates):  # newest valid record wins
+            problem_here = _signature_problem(verifier(candidate, environment), environment)
+            if problem_here is None and environment.require_previous and previous is not None:
+                prior = states.get(previous.name)
+                if prior is None or prior.state is not Promotion.PROMOTED:
+                    problem_here = f'chain broken: no valid record in "{previous.name}" for this digest'
+            if problem_here is None:
+                admitted = candidate
+                break
+            problem = problem or problem_here
+        if admitted is not None:
+            states[environment.name] = PromotionStatus(Promotion.PROMOTED, record_ids=(admitted.id,))
+        else:
+            states[environment.name] = PromotionStatus(Promotion.UNTRUSTED, detail=problem)
+    promoted_to = tuple(name for name, s in states.items() if s.state is Promotion.PROMOTED)
+    return {name: PromotionStatus(s.state, s.record_ids, promoted_to, s.detail) for name, s in states.items()}
+
+
+def check_acceptance(policy: Policy, envelope: dsse.Envelope, record: Record,
+                     existing: Sequence[StoredRecord]) -> None:
+    """Raise :class:`RuleViolation` when the store must refuse this record."""
+    environment = policy.environment(record.environment)
+    if environment is None:
+        defined = ", ".join(policy.environment_names) or "none"
+        raise RuleViolation("environment", f'environment "{record.environment}" is not defined in the policy '
+                                           f"(defined: {defined})")
+    verified = dsse.verified_key_ids(envelope, environment.trusted_keys)
+    if record.kind is RecordKind.REVOCATION:
+        if not environment.trusted_keys or not verified:
+            raise RuleViolation("signatures", f'a revocation for "{environment.name}" must be signed by one of its '
+                                              "trusted keys")
+        if not any(s.record.kind is RecordKind.PROMOTION and s.record.environment == environment.name
+                   and s.record.digest == record.digest and s.record.repository == record.repository
+                   for s in existing):
+            raise RuleViolation("revocation", f'{record.reference} was never promoted to "{environment.name}"; '
+                                              "nothing to revoke")
+        return
+    problem = _signature_problem(verified, environment)
+    if problem:
+        raise RuleViolation("signatures", problem)
+    previous = policy.previous_environment(environment.name)
+    if previous is None:
+        if record.promoted_from:
+            raise RuleViolation("promotedFrom", f'"{environment.name}" is the first environment; promotedFrom must be '
+                                                f'absent, got "{record.promoted_from}"')
+    elif environment.require_previous:
+        if record.promoted_from != previous.name:
+            raise RuleViolation("promotedFrom", f'records for "{environment.name}" must be promoted from '
+                                                f'"{previous.name}", got "{record.promoted_from or "(none)"}"')
+        states = evaluate(policy, existing, record.repository, record.digest)
+        if states[previous.name].state is not Promotion.PROMOTED:
+            raise RuleViolation("requirePrevious", f'{record.reference} has no valid record in "{previous.name}"; '
+                                                   f'promote it to "{previous.name}" first (no skipping)')
+    _check_evidence(environment, record)
+
+
+def _check_evidence(environment: Environment, record: Record) -> None:
+    rules = environment.evidence
+    name = environment.name
+    if rules.max_tests_failed is not None or rules.min_tests_passed is not None:
+        if record.tests is None:
+            raise RuleViolation("evidence.tests", f'"{name}" requires test results (tests passed/failed) in the record')
+        if rules.max_tests_failed is not None and record.tests.failed > rules.max_tests_failed:
+            raise RuleViolation("evidence.maxTestsFailed", f'"{name}" allows at most {rules.max_tests_failed} failed '
+                                                           f"tests; the record has {record.tests.failed}")
+        if rules.min_tests_passed is not None and record.tests.passed < rules.min_tests_passed:
+            raise RuleViolation("evidence.minTestsPassed", f'"{name}" requires at least {rules.min_tests_passed} '
+                                                           f"passed tests; the record has {record.tests.passed}")
+    if rules.max_scan_findings:
+        if record.scan is None:
+            raise RuleViolation("evidence.scan", f'"{name}" requires scan results in the record')
+        for severity, limit in rules.max_scan_findings.items():
+            found = record.scan.findings.get(severity)
+            if found is None:
+                raise RuleViolation(f"evidence.maxScanFindings.{severity}",
+                                    f'"{name}" requires the number of {severity} scan findings; the record has none')
+            if found > limit:
+                raise RuleViolation(f"evidence.maxScanFindings.{severity}",
+                                    f'"{name}" allows at most {limit} {severity} scan findings; the record has {found}')
+    if rules.require_source and not (record.source.git_commit and record.source.ci_run_id):
+        raise RuleViolation("evidence.requireSource", f'"{name}" requires the source git commit and CI run id')

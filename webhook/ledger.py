@@ -1,0 +1,147 @@
+"""Records in and out: submit a signed record, ask a digest's status, trace its chain of custody.
+
+The one use case behind the record API, the CLI's local-store mode and the operator. Its answers are
+typed outcomes, not HTTP: each shell decides what a :class:`Refused` or a :class:`Duplicate` means for
+its own callers (a status code, an exit code, a Promotion's phase).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook.core import promotion_rules, references
+from webhook.core.errors import InvalidInput
+from webhook.core.policy import Policy
+from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.core.records import RecordKind, SignedRecord, open_envelope
+from webhook.store.errors import DuplicateRecord
+from webhook.store.sql import SqlStore
+
+MAX_ADMISSIONS = 1000
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The receipt of a stored record."""
+
+    id: str
+    seq: int
+    kind: RecordKind
+    repository: str
+    digest: str
+    environment: str
+
+    @classmethod
+    def of(cls, stored: StoredRecord) -> Stored:
+        record = stored.record
+        return cls(stored.id, stored.seq, record.kind, record.repository, record.digest, record.environment)
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    record_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    rule: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Malformed:
+    message: str
+
+
+@dataclass(frozen=True)
+class Forbidden:
+    message: str
+
+
+SubmitOutcome = Stored | Duplicate | Refused | Malformed | Forbidden
+
+EXPECTABLE = ("digest", "environment", "repository")
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Everything known about one digest: its records, their state per environment, its admissions."""
+
+    digest: str
+    records: tuple[StoredRecord, ...]
+    states: Mapping[str, Mapping[str, PromotionStatus]]  # repository -> environment -> state
+    admissions: tuple[dict[str, Any], ...] = field(default=())
+
+    @property
+    def promotions(self) -> tuple[StoredRecord, ...]:
+        return tuple(s for s in self.records if s.record.kind is RecordKind.PROMOTION)
+
+    @property
+    def revocations(self) -> tuple[StoredRecord, ...]:
+        return tuple(s for s in self.records if s.record.kind is RecordKind.REVOCATION)
+
+
+def _expectation_problem(signed: SignedRecord, expect: Mapping[str, Any]) -> str | None:
+    record = signed.record
+    actual = {"digest": record.digest, "environment": record.environment, "repository": record.repository}
+    for name in EXPECTABLE:
+        if name in expect and expect[name] != actual[name]:
+            return f"envelope is for {name} {actual[name]!r}, not {expect[name]!r}"
+    return None
+
+
+class Ledger:
+    """The store seen through the policy's promotion rules."""
+
+    def __init__(self, store: SqlStore, policy: Policy) -> None:
+        self.store = store
+        self.policy = policy
+
+    def submit(self, envelope: Any, identity: str, may_write: Callable[[str], bool],
+               expect: Mapping[str, Any] | None = None) -> SubmitOutcome:
+        """Parse, authorise, check and store one envelope; raises ``StoreError`` only.
+
+        ``expect`` binds the envelope to what the caller means to submit: a replayed envelope for
+        another digest or environment is refused instead of silently recording something else.
+        """
+        try:
+            signed = open_envelope(envelope)
+        except InvalidInput as exc:
+            return Malformed(str(exc))
+        record = signed.record
+        if not may_write(record.environment):
+            return Forbidden(f'identity "{identity}" may not write records for environment "{record.environment}"')
+        problem = _expectation_problem(signed, expect or {})
+        if problem:
+            return Refused("replay", problem)
+
+        def check(existing: Sequence[StoredRecord]) -> None:
+            promotion_rules.check_acceptance(self.policy, signed.envelope, record, existing)
+
+        try:
+            return Stored.of(self.store.add_record(signed, identity, check))
+        except promotion_rules.RuleViolation as exc:
+            return Refused(exc.rule, str(exc))
+        except DuplicateRecord as exc:
+            return Duplicate(exc.record_id, str(exc))
+
+    def status(self, ref: references.ImageReference) -> dict[str, PromotionStatus]:
+        """The promotion state of one pinned image in every environment of the policy."""
+        assert ref.digest is not None
+        return promotion_rules.evaluate(self.policy, self.store.records_for_digest(ref.digest), ref.repository,
+                                        ref.digest)
+
+    def trace(self, digest: str) -> Trace:
+        stored = self.store.records_for_digest(digest)
+        states = {repository: promotion_rules.evaluate(self.policy, stored, repository, digest)
+                  for repository in sorted({s.record.repository for s in stored})}
+        return Trace(digest, tuple(stored), states,
+                     tuple(self.store.query_audit(digest=digest, limit=MAX_ADMISSIONS)))
+
+    def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
+             limit: int = 100, after: int = 0) -> list[StoredRecord]:
+        return self.store.find_records(repository=repository, digest=digest, environment=environment, limit=limit,
+                                       after=after)

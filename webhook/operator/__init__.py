@@ -1,0 +1,1 @@
+"""The operator shell (kopf): Promotion objects into the ledger, and the webhook's TLS certificate kept valid."""

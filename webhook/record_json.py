@@ -1,0 +1,56 @@
+"""The JSON shapes of records, statuses and traces: one definition for the API and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from webhook import ledger
+from webhook.core import records
+from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.ledger import Trace
+
+
+def stored_json(stored: StoredRecord, *, with_envelope: bool = True) -> dict[str, Any]:
+    data: dict[str, Any] = {"id": stored.id, "seq": stored.seq, "storedAt": stored.stored_at,
+                            "submittedBy": stored.submitted_by, **records.record_json(stored.record),
+                            "signers": [s.keyid for s in stored.envelope.signatures]}
+    if with_envelope:
+        data["envelope"] = stored.envelope.to_json()
+    return data
+
+
+def status_json(repository: str, digest: str, states: Mapping[str, PromotionStatus]) -> dict[str, Any]:
+    """``GET /status`` and ``check``: the promotion state of one pinned image in every environment."""
+    return {"repository": repository, "digest": digest, "states": {
+        env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
+              "detail": s.detail} for env, s in states.items()}}
+
+
+def trace_json(trace: Trace) -> dict[str, Any]:
+    return {
+        "digest": trace.digest,
+        "records": [stored_json(s, with_envelope=False) for s in trace.promotions],
+        "revocations": [stored_json(s, with_envelope=False) for s in trace.revocations],
+        "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail}
+                                for env, s in states.items()}
+                   for repository, states in trace.states.items()},
+        "admissions": list(trace.admissions),
+    }
+
+
+def outcome_json(outcome: ledger.SubmitOutcome) -> tuple[int, dict[str, Any]]:
+    """A submission's outcome as the API answers it: the HTTP status and the JSON body."""
+    match outcome:
+        case ledger.Stored():
+            return 201, {"id": outcome.id, "seq": outcome.seq, "kind": str(outcome.kind),
+                         "repository": outcome.repository, "digest": outcome.digest,
+                         "environment": outcome.environment}
+        case ledger.Duplicate(record_id, message):
+            return 409, {"error": message, "id": record_id}
+        case ledger.Refused(rule, message):
+            return 422, {"error": message, "rule": rule}
+        case ledger.Forbidden(message):
+            return 403, {"error": message}
+        case ledger.Malformed(message):
+            return 400, {"error": message}

@@ -1,0 +1,129 @@
+"""The admission path's view of the store: a deadline, verified-verdict caching, fail-closed.
+
+Records are append-only and appended one at a time under a lock, so the highest sequence number (the
+*version*) changes whenever anything — a promotion, a revocation — is added. Each request asks the
+store for that version (one index-only query, under the deadline); verdicts evaluated at the same
+version are still exact and are reused, anything else is read and evaluated again, so a revocation
+applies to the very next request. Signature verification is memoised per record id (records are
+immutable; the trusted keys are fixed per process). Only when the store does not answer within the
+deadline may a verdict of the last version seen stand in, for ``cache_seconds`` after the store last
+confirmed that version; otherwise the answer is ``store-unavailable``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Generic, TypeVar
+
+from cachetools import LRUCache
+
+from webhook.core import promotion_rules
+from webhook.core.policy import Environment, Policy
+from webhook.core.promotion import NOT_PROMOTED, Promotion, PromotionStatus, StoredRecord, Subject
+from webhook.metrics import Metrics
+from webhook.store.errors import StoreError
+from webhook.store.sql import SqlStore
+
+VERIFIED_CACHE_SIZE = 100_000
+# (record version, states per environment, environments admission has answered for)
+Entry = tuple[int, dict[str, PromotionStatus], set[str]]
+VERDICT_CACHE_SIZE = 50_000
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class _SharedLru(Generic[K, V]):
+    """An LRU shared by the request threads (cachetools' caches are not thread-safe on their own)."""
+
+    def __init__(self, size: int) -> None:
+        self._cache: LRUCache[K, V] = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def put(self, key: K, value: V) -> None:
+        with self._lock:
+            self._cache[key] = value
+
+
+class CachedRecordView:
+    def __init__(self, store: SqlStore, policy: Policy, metrics: Metrics, *, workers: int = 8) -> None:
+        self._store = store
+        self._policy = policy
+        self._metrics = metrics
+        self._deadline = policy.store_timeout_seconds
+        self._ttl = policy.cache_seconds
+        self._verified: _SharedLru[tuple[str, str], frozenset[str]] = _SharedLru(VERIFIED_CACHE_SIZE)
+        self._verdicts: _SharedLru[Subject, Entry] = _SharedLru(VERDICT_CACHE_SIZE)
+        self._version: int | None = None  # the last version the store reported ...
+        self._confirmed_at = 0.0  # ... and when (time.monotonic)
+        self._confirm_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
+        self._hit = metrics.cache.labels(result="hit")
+        self._miss = metrics.cache.labels(result="miss")
+        self._stale = metrics.cache.labels(result="stale-served")
+
+    def _verify(self, stored: StoredRecord, environment: Environment) -> frozenset[str]:
+        key = (stored.id, environment.name)
+        cached = self._verified.get(key)
+        if cached is not None:
+            return cached
+        verified = promotion_rules.verify_signatures(stored, environment)
+        self._verified.put(key, verified)
+        return verified
+
+    def _entry(self, subject: Subject, version: int | None) -> Entry | None:
+        entry = self._verdicts.get(subject)
+        return entry if entry is not None and entry[0] == version else None
+
+    def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, Entry]:
+        started = time.perf_counter()
+        try:
+            version = self._store.records_version()
+            with self._confirm_lock:  # lookups finish out of order: never step back to an older version
+                if self._version is None or version >= self._version:
+                    self._version, self._confirmed_at = version, time.monotonic()
+            answers = {s: entry for s in subjects if (entry := self._entry(s, version)) is not None}
+            self._hit.inc(len(answers))
+            missing = [s for s in subjects if s not in answers]
+            if not missing:
+                return answers
+            self._miss.inc(len(missing))
+            stored = self._store.records_for_digests([digest for _, digest in missing])
+        finally:
+            self._metrics.store_latency.observe(time.perf_counter() - started)
+        for repository, digest in missing:
+            states = promotion_rules.evaluate(self._policy, stored[digest], repository, digest, verifier=self._verify)
+            answers[(repository, digest)] = entry = (version, states, set())
+            self._verdicts.put((repository, digest), entry)
+        return answers
+
+    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
+        future = self._pool.submit(self._lookup, subjects)
+        try:
+            entries = future.result(timeout=self._deadline)
+        except (FutureTimeout, StoreError) as exc:
+            self._metrics.store_errors.labels(operation="lookup").inc()
+            detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
+            return {subject: self._fallback(subject, environment, detail) for subject in subjects}
+        answers = {}
+        for subject in subjects:
+            _, states, asked = entries[subject]
+            asked.add(environment)
+            answers[subject] = states.get(environment, NOT_PROMOTED)
+        return answers
+
+    def _fallback(self, subject: Subject, environment: str, detail: str) -> PromotionStatus:
+        # Only a verdict admission has actually given (this digest, this environment) stands in.
+        entry = self._entry(subject, self._version)
+        if entry is not None and environment in entry[2] and time.monotonic() - self._confirmed_at <= self._ttl:
+            self._stale.inc()
+            return entry[1].get(environment, NOT_PROMOTED)
+        return PromotionStatus(Promotion.UNAVAILABLE, detail=detail)

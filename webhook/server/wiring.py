@@ -1,0 +1,110 @@
+"""Composition root: turn validated settings into the services the HTTP shell needs.
+
+:func:`preflight` runs once in the parent process and fails start-up with a :class:`StartupError`
+that the CLI prints; :func:`build_app` runs in each worker process and builds that worker's own store
+engine, caches, metrics registry and namespace watch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flask import Flask
+
+from webhook import environments, key_files
+from webhook.core.errors import GateError
+from webhook.core.keys import InvalidKey
+from webhook.core.policy import Policy
+from webhook.core.promotion import NoRecords, RecordView
+from webhook.decision_log import DecisionLog, StdoutDecisionLog
+from webhook.metrics import Metrics
+from webhook.server import app as server_app
+from webhook.store import StoreError, open_store, redact
+
+log = logging.getLogger("promotion_gate.wiring")
+
+
+class StartupError(GateError):
+    """The server cannot start with these settings; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    policy: Policy
+    store_url: str | None = None
+    server_key: Path | None = None
+    use_kubernetes: bool = False
+    in_cluster: bool = False  # the pod's service account, not a kubeconfig, reaches the API server
+    enable_baseline: bool = False
+
+
+def describe_store(url: str | None) -> str:
+    return redact(url) if url else "none (digest-only)"
+
+
+def preflight(settings: Settings) -> None:
+    """Fail start-up early, in the parent process, with a clear message."""
+    if settings.store_url:
+        try:
+            open_store(settings.store_url, migrate=True).close()
+        except StoreError as exc:
+            raise StartupError(f"store: {exc}") from exc
+    elif settings.policy.environments:
+        raise StartupError(
+            "the policy declares environments, which need a store: pass --store sqlite:///var/promotion-gate.db "
+            "or a PostgreSQL URL"
+        )
+    if settings.server_key is not None:
+        try:
+            key_files.load_signing_key(settings.server_key)
+        except InvalidKey as exc:
+            raise StartupError(f"--server-key: {exc}") from exc
+
+
+def _environment_resolver(settings: Settings) -> tuple[environments.EnvironmentResolver, Any]:
+    if not settings.use_kubernetes:
+        return environments.StaticEnvironments(settings.policy), None
+    from kubernetes import client, config
+
+    if settings.in_cluster:
+        config.load_incluster_config()
+    else:
+        config.load_kube_config()
+    resolver = environments.KubernetesEnvironments(settings.policy, client.CoreV1Api()).start()
+    return resolver, resolver
+
+
+def build_app(settings: Settings) -> Flask:
+    """Called once in each worker process."""
+    metrics = Metrics()
+    resolver, watcher = _environment_resolver(settings)
+    records: RecordView = NoRecords()
+    decision_log: DecisionLog = StdoutDecisionLog(policy_digest=settings.policy.digest)
+    api = None
+    if settings.store_url:
+        from webhook.decision_log import ChainedDecisionLog
+        from webhook.ledger import Ledger
+        from webhook.record_view import CachedRecordView
+        from webhook.server import api as api_mod
+
+        store = open_store(settings.store_url)
+        records = CachedRecordView(store, settings.policy, metrics)
+        server_key = key_files.load_signing_key(settings.server_key) if settings.server_key else None
+        if settings.policy.audit_to_store:
+            decision_log = ChainedDecisionLog(store, settings.policy, metrics, server_key=server_key,
+                                              stdout=StdoutDecisionLog(policy_digest=settings.policy.digest))
+        api = api_mod.register(Ledger(store, settings.policy))
+
+    def ready() -> tuple[bool, str]:
+        if watcher is not None and not watcher.synced:
+            return False, "namespace cache not synced yet"
+        return True, "ok"
+
+    services = server_app.Services(
+        policy=settings.policy, environments=resolver, records=records, decision_log=decision_log,
+        metrics=metrics, api=api, ready=ready, enable_baseline=settings.enable_baseline,
+    )
+    return server_app.create_app(services)
