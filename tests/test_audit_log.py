@@ -3,17 +3,28 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
-import sqlalchemy as sa
 import yaml
 
+from tests.audit_tamper import attacker_on
 from tools.promotion_kit import Kit, cli, make_kit, policy_document
 from tools.reviews import review, workload
 from tools.servers import RunningServer
+from webhook import policy_file
+from webhook.decision_log import ChainedDecisionLog
+from webhook.metrics import Metrics
 from webhook.store import open_store
-from webhook.store.audit_chain import canonical, chain_hash
+from webhook.store.sql import AUDIT_LOCK_KEY
 
 
 @pytest.fixture
@@ -47,7 +58,7 @@ def execute(store_url: str, *statements: str) -> None:
 
 def test_intact_log_verifies(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
     server_with_events(server_factory, kit, store_url)
-    assert verify(store_url, kit) == (0, "audit log intact: 12 events, 2 signed checkpoints verified")
+    assert verify(store_url, kit) == (0, "audit log intact: 12 events, 3 signed checkpoints verified")
 
 
 def test_every_event_has_the_fields_security_teams_need(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
@@ -81,68 +92,6 @@ def test_audit_query_filters(server_factory, kit: Kit, tmp_path: Path, args: lis
     assert len(result.stdout.splitlines()) == count
 
 
-TAMPERING = {
-    "edited": (["UPDATE audit_events SET event = replace(event, '\"allowed\":false', '\"allowed\":true') "
-                "WHERE seq = 7"], "audit log TAMPERED: event 7 was altered: its content does not match its hash"),
-    "deleted": (["DELETE FROM audit_events WHERE seq = 5"],
-                "audit log TAMPERED: event 5 removed: the chain jumps from event 4 to 6"),
-    "reordered": (["UPDATE audit_events SET seq = 100 WHERE seq = 8", "UPDATE audit_events SET seq = 8 WHERE seq = 9",
-                   "UPDATE audit_events SET seq = 9 WHERE seq = 100"],
-                  "audit log TAMPERED: event 8 does not follow event 7: the chain was reordered or an earlier event "
-                  "was altered"),
-}
-
-
-@pytest.mark.parametrize(("statements", "message"), TAMPERING.values(), ids=TAMPERING.keys())
-def test_verify_names_the_first_tampered_event(server_factory, kit: Kit, store_url: str, statements: list[str],  # type: ignore[no-untyped-def]
-                                               message: str) -> None:
-    server_with_events(server_factory, kit, store_url)
-    execute(store_url, *statements)
-    assert verify(store_url, kit) == (1, message)
-
-
-def test_a_rewritten_chain_is_caught_by_the_signed_checkpoint(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
-    # An attacker with database access edits event 3 and recomputes every later hash: the chain is
-    # internally consistent again, but no longer matches what the server signed.
-    server_with_events(server_factory, kit, store_url)
-    store = open_store(store_url)
-    rows = store.audit_rows()
-    prev = rows[1].hash
-    with store.write_engine.begin() as conn:
-        for row in rows[2:]:
-            event = json.loads(row.event)
-            if row.seq == 3:
-                event["allowed"] = True
-            text = canonical(event)
-            digest = chain_hash(row.seq, prev, text)
-            conn.execute(sa.text("UPDATE audit_events SET event = :e, prev_hash = :p, hash = :h WHERE seq = :s"),
-                         {"e": text, "p": prev, "h": digest, "s": row.seq})
-            prev = digest
-    assert verify(store_url, kit) == (1, "audit log TAMPERED: event 5 does not match signed checkpoint: the chain "
-                                         "was rewritten from here or earlier")
-
-
-def test_truncated_tail_is_caught_by_the_signed_checkpoint(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
-    server_with_events(server_factory, kit, store_url)
-    execute(store_url, "DELETE FROM audit_images WHERE event_seq > 9", "DELETE FROM audit_events WHERE seq > 9")
-    assert verify(store_url, kit) == (1, "audit log TAMPERED: events after 9 removed: a signed checkpoint covers "
-                                         "event 10")
-
-
-def test_prune_up_to_a_checkpoint_keeps_the_log_verifiable(server_factory, kit: Kit, store_url: str,  # type: ignore[no-untyped-def]
-                                                           tmp_path: Path) -> None:
-    server_with_events(server_factory, kit, store_url)
-    archive = tmp_path / "archive.jsonl"
-    result = cli("audit", "prune", "--store", store_url, "--key", str(kit.key("release")) + ".pub",
-                 "--before", "2999-01-01T00:00:00Z", "--archive", str(archive))
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "pruned 10 events up to event 10 (checkpoint 2)"
-    assert [json.loads(line)["seq"] for line in archive.read_text().splitlines()] == list(range(1, 11))
-    assert verify(store_url, kit) == (0, "audit log intact: 2 events, 2 signed checkpoints verified")
-    execute(store_url, "DELETE FROM audit_events WHERE seq = 11")
-    assert verify(store_url, kit)[0] == 1
-
-
 @pytest.mark.parametrize(("on_failure", "allowed"), [("deny", False), ("allow", True)])
 def test_audit_write_failure_follows_the_policy(server_factory, kit: Kit, store_url: str, on_failure: str,  # type: ignore[no-untyped-def]
                                                 allowed: bool) -> None:
@@ -170,3 +119,255 @@ def test_audit_write_failure_follows_the_policy(server_factory, kit: Kit, store_
                           review(scaled, old=tagged, operation="UPDATE"),
                           review(workload("Pod", ["pause:1"], namespace="kube-system"))):
         assert gate.post("/validate", json=never_blocked).json()["response"]["allowed"] is True
+
+
+# --- checkpoints: published, chained, on time --------------------------------------------------------
+
+
+def published(gate: RunningServer) -> list[dict[str, Any]]:
+    """The checkpoints the server published on stdout (its decision log)."""
+    return [json.loads(line) for line in gate.log().splitlines() if line.startswith('{"msg":"audit checkpoint"')]
+
+
+def with_audit(kit: Kit, **audit: object) -> str:
+    document = policy_document(kit.root, extra={"audit": {"onWriteFailure": "deny", **audit}})
+    kit.policy_path.write_text(yaml.safe_dump(document))
+    return kit.policy_path.read_text()
+
+
+def public_key(kit: Kit) -> str:
+    return str(kit.key("release")) + ".pub"
+
+
+def test_checkpoints_are_published_on_stdout_and_anchor_the_log(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_with_events(server_factory, kit, store_url)
+    assert [(c["checkpoint"], c["kind"], c["event"], c["every"], c["seconds"]) for c in published(gate)] == [
+        (1, "seal", 1, 5, 60), (2, "seal", 6, 5, 60), (3, "seal", 11, 5, 60)]
+    anchored = cli("audit", "verify", "--store", store_url, "--key", public_key(kit), "--anchor", str(gate.log_path))
+    assert anchored.stdout == "audit log intact: 12 events, 3 signed checkpoints verified, anchored at checkpoint 3\n"
+
+
+def test_a_checkpoint_is_signed_within_checkpoint_seconds(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_factory(policy=with_audit(kit, checkpointEvery=1000, checkpointSeconds=1), store=store_url,
+                          extra=["--server-key", str(kit.key("release"))])
+    for index in range(3):
+        gate.post("/validate", json=review(workload("Pod", [f"app{index}:1"], name=f"p{index}", namespace="team-x")))
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and published(gate)[-1]["event"] < 3:
+        time.sleep(0.2)
+    assert published(gate)[0]["event"] == 1  # the first event is sealed at once
+    assert published(gate)[-1]["event"] == 3  # the others within a second, though 1000 events are far away
+
+
+def test_events_a_crashed_server_left_unsealed_are_sealed_when_it_starts_again(  # type: ignore[no-untyped-def]
+        server_factory, kit: Kit, store_url: str) -> None:
+    policy = with_audit(kit, checkpointEvery=1000, checkpointSeconds=5)
+    gate = server_factory(policy=policy, store=store_url, extra=["--server-key", str(kit.key("release"))])
+    for index in range(3):
+        gate.post("/validate", json=review(workload("Pod", [f"app{index}:1"], name=f"p{index}", namespace="team-x")))
+    gate.kill()  # kill -9: events 2 and 3 were stored, their checkpoint was not yet due
+    store = open_store(store_url)
+    assert [c.event_seq for c in store.checkpoints()] == [1]
+    made = datetime.fromisoformat(next(e for e in store.events() if e.seq == 2).columns.time)
+    due = (made + timedelta(seconds=5)).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    time.sleep(max(0.0, (made + timedelta(seconds=10.5) - datetime.now(UTC)).total_seconds()))
+    assert verify(store_url, kit) == (1, "audit log TAMPERED: events 2-3 are not covered by a signed checkpoint, "
+                                         f"although one was due by {due}: newer checkpoints were removed, or the server "
+                                         "stopped before signing them (seal the log of a stopped server with "
+                                         "'promotion-gate audit checkpoint')")
+    restarted = server_factory(policy=policy, store=store_url, extra=["--server-key", str(kit.key("release"))])
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and not published(restarted):
+        time.sleep(0.2)
+    assert [(c["checkpoint"], c["event"]) for c in published(restarted)] == [(2, 3)]
+    assert verify(store_url, kit) == (0, "audit log intact: 3 events, 2 signed checkpoints verified")
+
+
+def test_the_server_refuses_a_key_the_policy_does_not_name_for_checkpoints(kit: Kit, tmp_path: Path) -> None:
+    document = policy_document(kit.root, extra={"audit": {"checkpointKeys": ["ci"]}})
+    kit.policy_path.write_text(yaml.safe_dump(document))
+    args = ["serve", "--policy", str(kit.policy_path), "--store", f"sqlite:///{tmp_path / 's.db'}", "--cert-dir",
+            str(tmp_path / "certs"), "--dev-certs", "--no-kubernetes"]
+    wrong = cli(*args, "--server-key", str(kit.key("release")))
+    release_id = kit.signing_key("release").key_id[:12]
+    assert (wrong.returncode, wrong.stderr.splitlines()[-1]) == (
+        1, f"Error: --server-key: its public key ({release_id}) is not listed under audit.checkpointKeys, so its "
+           "checkpoints would not verify")
+    missing = cli(*args)
+    assert missing.stderr.splitlines()[-1] == (
+        "Error: audit.checkpointKeys promises signed checkpoints: pass --server-key (or $PROMOTION_GATE_SERVER_KEY) "
+        "with the private key of one of them")
+
+
+def test_audit_anchor_keeps_the_newest_checkpoint_and_exposes_a_truncation(  # type: ignore[no-untyped-def]
+        server_factory, kit: Kit, store_url: str, tmp_path: Path) -> None:
+    server_with_events(server_factory, kit, store_url)
+    anchor = tmp_path / "anchor.json"
+    keep = ["audit", "anchor", "--store", store_url, "--key", public_key(kit), "--file", str(anchor)]
+    first = cli(*keep)
+    newest = open_store(store_url).checkpoint_head()
+    assert newest is not None
+    assert (first.returncode, first.stdout) == (0, f"anchored checkpoint 3 (event 11, {newest.created_at})\n")
+    kept = anchor.read_text()
+    assert json.loads(kept) == newest.to_json()
+
+    attacker = attacker_on(store_url)  # delete the tail together with its checkpoints
+    attacker.sql("DELETE FROM audit_checkpoint_chain WHERE seq >= 2", "DELETE FROM audit_images WHERE event_seq > 5",
+                 "DELETE FROM audit_events WHERE seq > 5")
+    missing = (f"signed checkpoint 3 (event 11, {newest.created_at}) of the anchor is not in the log: the log was "
+               "truncated or emptied after the anchor was taken")
+    again = cli(*keep)
+    assert (again.returncode, again.stdout) == (1, f"audit log TAMPERED: {missing}; {anchor} was kept\n")
+    assert anchor.read_text() == kept
+    assert verify(store_url, kit) == (0, "audit log intact: 5 events, 1 signed checkpoints verified")
+    checked = cli("audit", "verify", "--store", store_url, "--key", public_key(kit), "--anchor", str(anchor))
+    assert (checked.returncode, checked.stdout) == (1, f"audit log TAMPERED: {missing}\n")
+
+
+def test_verify_reads_an_anchor_only_with_a_key(kit: Kit, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.log"
+    empty.write_text("not a checkpoint\n")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    unkeyed = cli("audit", "verify", "--store", url, "--anchor", str(empty))
+    assert unkeyed.returncode == 2
+    assert "Error: --anchor needs --key: an anchor counts only when its signature is checked" in unkeyed.stderr
+    nothing = cli("audit", "verify", "--store", url, "--key", public_key(kit), "--anchor", str(empty))
+    assert nothing.returncode == 2
+    assert (f'Invalid value for --anchor: {empty} holds no published audit checkpoint (a JSON line with "msg": '
+            '"audit checkpoint")') in " ".join(nothing.stderr.split())
+
+
+# --- queries re-check what they return ---------------------------------------------------------------
+
+
+def test_queries_refuse_rows_whose_columns_contradict_their_event(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_with_events(server_factory, kit, store_url)
+    attacker_on(store_url).sql("UPDATE audit_events SET reasons = 'break-glass' WHERE seq = 2",
+                               "INSERT INTO audit_images (event_seq, digest) VALUES (5, :d)", d=TRACED)
+    problem = "event 2: its reasons column does not match its hashed content; run 'promotion-gate audit verify'"
+    local = cli("audit", "--store", store_url, "--policy", str(kit.policy_path), "--reason", "break-glass")
+    assert (local.returncode, local.stderr) == (1, f"error: audit log TAMPERED: {problem}\n")
+    reader = {"Authorization": f"Bearer {kit.token('reader')}"}
+    answer = gate.get("/api/v1/audit?reason=break-glass", headers=reader)
+    assert (answer.status_code, answer.json()) == (409, {"error": f"audit log TAMPERED: {problem}", "code": 409})
+    remote = cli("audit", "--reason", "break-glass", "--server", gate.url, "--token-file",
+                 str(kit.token_file("reader")), "--ca-file", str(gate.ca))
+    assert (remote.returncode, remote.stderr) == (1, f"error: {gate.url}: 409 audit log TAMPERED: {problem}\n")
+    traced = gate.get(f"/api/v1/trace/{TRACED}", headers=reader)
+    assert (traced.status_code, traced.json()["error"]) == (
+        409, f"audit log TAMPERED: event 5: the images index names {TRACED}, which the event does not; run "
+             "'promotion-gate audit verify'")
+
+
+TRACED = "sha256:" + "7" * 64
+
+
+# --- the writer: one bad or giant event costs only itself ---------------------------------------------
+
+
+@contextmanager
+def audit_lock_held(store_url: str) -> Iterator[None]:
+    """Another writer holds the audit log's lock (SQLite's write lock, PostgreSQL's advisory lock)."""
+    if store_url.startswith("sqlite:///"):
+        conn = sqlite3.connect(store_url.removeprefix("sqlite:///"), timeout=10)
+        conn.isolation_level = None
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            conn.execute("ROLLBACK")
+            conn.close()
+    else:
+        with psycopg.connect(store_url, autocommit=True) as holder:
+            holder.execute("SELECT pg_advisory_lock(%s)", (AUDIT_LOCK_KEY,))
+            yield
+
+
+def decision(index: int, *, uid: str = "", findings: int = 0, user: str = "dev@example.com") -> dict[str, Any]:
+    """An event shaped like the server's: ``findings`` long finding lines make it large."""
+    line = "[mutable-tag] Pod team-x/p spec.containers[0] \"c0\": image \"ghcr.io/acme/" + "x" * 400 + ":1\" is a tag"
+    return {"time": datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+            "uid": uid or f"uid-{index}", "user": user, "groups": ["system:authenticated"], "namespace": "team-x",
+            "kind": "Pod", "name": f"p{index}", "operation": "CREATE", "subResource": "", "dryRun": False,
+            "environment": None, "mode": "enforce", "allowed": False, "reasons": ["mutable-tag"],
+            "findings": [line] * findings,
+            "images": [{"container": "c0", "field": "spec.containers[0]", "image": "app:1", "repository": "app",
+                        "digest": TRACED, "records": [], "exempt": False}],
+            "breakGlass": None, "breakGlassRefused": None, "skipped": "", "policy": ""}
+
+
+def appended_together(log: ChainedDecisionLog, store_url: str, first: dict[str, Any],
+                      waves: list[list[dict[str, Any]]]) -> list[int | str]:
+    """Append ``first``, then each wave while the writer waits for the lock: the waves queue up behind it."""
+    results: dict[int, int | str] = {}
+
+    def append(key: int, event: dict[str, Any]) -> None:
+        try:
+            results[key] = log.append(event, timeout=30)
+        except Exception as exc:  # what the request thread would see
+            results[key] = f"{type(exc).__name__}: {exc}"
+
+    threads: list[threading.Thread] = []
+    everything = [first, *(event for wave in waves for event in wave)]
+    with audit_lock_held(store_url):
+        threads.append(threading.Thread(target=append, args=(0, first)))
+        threads[0].start()
+        time.sleep(0.5)  # the writer took it and waits for the lock
+        offset = 1
+        for wave in waves:
+            for event in wave:
+                threads.append(threading.Thread(target=append, args=(offset, event)))
+                threads[-1].start()
+                offset += 1
+            time.sleep(0.5)
+    for thread in threads:
+        thread.join()
+    return [results[key] for key in range(len(everything))]
+
+
+def refuse_in_database(store_url: str, uid: str) -> None:
+    """The database itself refuses one event (a constraint a DBA added): the worst case of a bad event."""
+    if store_url.startswith("sqlite:///"):
+        execute(store_url, f"CREATE TRIGGER refuse_one BEFORE INSERT ON audit_events WHEN NEW.uid = '{uid}' "
+                           "BEGIN SELECT RAISE(ABORT, 'refused by the database'); END")
+    else:
+        execute(store_url, f"ALTER TABLE audit_events ADD CONSTRAINT refuse_one CHECK (uid <> '{uid}')")
+
+
+def test_one_event_the_database_refuses_fails_alone(kit: Kit, store_url: str) -> None:
+    store = open_store(store_url, migrate=True)
+    refuse_in_database(store_url, "refused")
+    log = ChainedDecisionLog(store, policy_file.load(kit.policy_path), Metrics(), server_key=kit.signing_key("release"))
+    wave = [decision(i, uid="refused" if i == 20 else "") for i in range(1, 40)]
+    results = appended_together(log, store_url, decision(0), [wave])
+    failed = [r for r in results if isinstance(r, str)]
+    assert len(failed) == 1 and failed[0].startswith("StoreError: store error: "), failed
+    assert sorted(r for r in results if isinstance(r, int)) == list(range(1, 40))  # 39 of 40 in the chain
+    assert verify(store_url, kit) == (0, "audit log intact: 39 events, 8 signed checkpoints verified")
+
+
+def test_an_ordinary_decision_is_not_queued_behind_giant_ones(kit: Kit, store_url: str) -> None:
+    store = open_store(store_url, migrate=True)
+    log = ChainedDecisionLog(store, policy_file.load(kit.policy_path), Metrics())
+    giants = [decision(i, findings=700) for i in range(1, 13)]  # about 300 KiB each, 3.6 MiB in all
+    ordinary = decision(13)
+    results = appended_together(log, store_url, decision(0), [giants, [ordinary]])
+    assert results[-1] == 2  # committed right after the one in flight, ahead of every giant queued before it
+    assert sorted(results[1:-1]) == list(range(3, 15))
+
+
+def test_an_over_long_uid_or_username_is_stored_whole_and_found(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_factory(policy=kit.policy_path.read_text(), store=store_url,
+                          extra=["--server-key", str(kit.key("release"))])
+    long_user, long_uid, nul_user = "u" * 600 + "@example.com", "x" * 10000, "dev\u0000root@example.com"
+    for user, uid in ((long_user, long_uid), (nul_user, "nul-user")):
+        body = review(workload("Pod", ["app:1"], name="p", namespace="payments-ci"), user=user, uid=uid)
+        response = gate.post("/validate", json=body).json()["response"]
+        assert response["status"]["message"].startswith("[mutable-tag] Pod payments-ci/p"), response
+    found = cli("audit", "--store", store_url, "--policy", str(kit.policy_path), "--user", long_user, "--output", "json")
+    (event,) = map(json.loads, found.stdout.splitlines())
+    assert (event["user"], event["uid"]) == (long_user, long_uid)
+    reader = {"Authorization": f"Bearer {kit.token('reader')}"}
+    (event,) = gate.get("/api/v1/audit", params={"user": nul_user}, headers=reader).json()["events"]
+    assert (event["user"], event["uid"]) == (nul_user, "nul-user")
+    assert verify(store_url, kit) == (0, "audit log intact: 2 events, 1 signed checkpoints verified")

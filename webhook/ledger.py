@@ -17,9 +17,10 @@ from webhook.core.policy import Policy
 from webhook.core.promotion import PromotionStatus, StoredRecord
 from webhook.core.records import RecordKind, SignedRecord, open_envelope
 from webhook.store.errors import DuplicateRecord
-from webhook.store.sql import SqlStore
+from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditPage, AuditQuery, SqlStore
 
 MAX_ADMISSIONS = 1000
+MAX_ADMISSION_CHARS = 4 * 1024 * 1024  # event text in one trace; the rest is one 'audit --image' away
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class Trace:
     digest: str
     records: tuple[StoredRecord, ...]
     states: Mapping[str, Mapping[str, PromotionStatus]]  # repository -> environment -> state
-    admissions: tuple[dict[str, Any], ...] = field(default=())
+    admissions: AuditPage = field(default_factory=lambda: AuditPage([], None))
 
     @property
     def promotions(self) -> tuple[StoredRecord, ...]:
@@ -134,12 +135,15 @@ class Ledger:
         return promotion_rules.evaluate(self.policy, self.store.records_for_digest(ref.digest), ref.repository,
                                         ref.digest)
 
-    def trace(self, digest: str) -> Trace:
+    def trace(self, digest: str, *, max_event_chars: int | None = MAX_EVENT_READ_CHARS) -> Trace:
+        """Records, states and the admissions that named the digest (at most MAX_ADMISSIONS of them and
+        MAX_ADMISSION_CHARS of event text: ``admissions.next`` says where the rest continues)."""
         stored = self.store.records_for_digest(digest)
         states = {repository: promotion_rules.evaluate(self.policy, stored, repository, digest)
                   for repository in sorted({s.record.repository for s in stored})}
-        return Trace(digest, tuple(stored), states,
-                     tuple(self.store.query_audit(digest=digest, limit=MAX_ADMISSIONS)))
+        admissions = self.store.audit_page(AuditQuery(digest=digest), limit=MAX_ADMISSIONS,
+                                           max_chars=MAX_ADMISSION_CHARS, max_event_chars=max_event_chars)
+        return Trace(digest, tuple(stored), states, admissions)
 
     def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
              limit: int = 100, after: int = 0) -> list[StoredRecord]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import orjson
 
 from webhook import ledger
 from webhook.core import records
 from webhook.core.promotion import PromotionStatus, StoredRecord
 from webhook.ledger import Trace
+from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditHit, AuditPage
 
 
 def stored_json(stored: StoredRecord, *, with_envelope: bool = True) -> dict[str, Any]:
@@ -27,7 +30,28 @@ def status_json(repository: str, digest: str, states: Mapping[str, PromotionStat
               "detail": s.detail} for env, s in states.items()}}
 
 
-def trace_json(trace: Trace) -> dict[str, Any]:
+def omitted_event(hit: AuditHit) -> dict[str, Any]:
+    """An event too large to be read in full here: its indexed columns (not re-checked), and why."""
+    c = hit.columns
+    return {"seq": hit.seq, "time": c.time, "uid": c.uid, "namespace": c.namespace, "user": c.username,
+            "allowed": c.allowed, "reasons": c.reasons.split(",") if c.reasons else [],
+            "omitted": f"event of {hit.size} characters is larger than the read limit of {MAX_EVENT_READ_CHARS}; "
+                       "read it with 'promotion-gate audit --store …'"}
+
+
+def event_json(hit: AuditHit) -> dict[str, Any]:
+    if hit.text is None:
+        return omitted_event(hit)
+    parsed: dict[str, Any] = orjson.loads(hit.text)
+    return parsed
+
+
+def event_bytes(hit: AuditHit) -> bytes:
+    """The stored event as it was hashed (never re-serialised), or the omitted form."""
+    return hit.text.encode() if hit.text is not None else orjson.dumps(omitted_event(hit))
+
+
+def _trace_head(trace: Trace) -> dict[str, Any]:
     return {
         "digest": trace.digest,
         "records": [stored_json(s, with_envelope=False) for s in trace.promotions],
@@ -35,8 +59,35 @@ def trace_json(trace: Trace) -> dict[str, Any]:
         "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail}
                                 for env, s in states.items()}
                    for repository, states in trace.states.items()},
-        "admissions": list(trace.admissions),
     }
+
+
+def trace_json(trace: Trace) -> dict[str, Any]:
+    data = _trace_head(trace)
+    data["admissions"] = [event_json(hit) for hit in trace.admissions.events]
+    if trace.admissions.next is not None:
+        data["admissionsNext"] = trace.admissions.next
+    return data
+
+
+def _events_chunks(key: str, page: AuditPage, next_key: str) -> Iterator[bytes]:
+    yield f'"{key}":['.encode()
+    for index, hit in enumerate(page.events):
+        yield b"," + event_bytes(hit) if index else event_bytes(hit)
+    yield b"]"
+    if page.next is not None:
+        yield f',"{next_key}":{page.next}'.encode()
+
+
+def trace_chunks(trace: Trace) -> list[bytes]:
+    """``GET /trace`` as chunks of one JSON document: the stored event texts are sent as they are."""
+    head = orjson.dumps(_trace_head(trace))
+    return [head[:-1] + b",", *_events_chunks("admissions", trace.admissions, "admissionsNext"), b"}"]
+
+
+def audit_chunks(page: AuditPage) -> list[bytes]:
+    """``GET /audit`` as chunks of one JSON document."""
+    return [b"{", *_events_chunks("events", page, "next"), b"}"]
 
 
 def outcome_json(outcome: ledger.SubmitOutcome) -> tuple[int, dict[str, Any]]:

@@ -18,8 +18,9 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 from webhook import ledger
 from webhook.core import dsse, references
 from webhook.core.policy import ApiToken, Policy
-from webhook.record_json import outcome_json, status_json, stored_json, trace_json
-from webhook.store.errors import StoreError
+from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, trace_chunks
+from webhook.store.errors import AuditTampered, StoreError
+from webhook.store.sql import AuditQuery
 
 if TYPE_CHECKING:
     from webhook.server.app import Services
@@ -135,7 +136,7 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
         def trace(digest: str) -> Response:
             if not references.is_digest(digest):
                 return _error(400, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
-            return jsonify(trace_json(records.trace(digest)))
+            return Response(trace_chunks(records.trace(digest)), mimetype="application/json")
 
         @api.get("/status")
         def status() -> Response:
@@ -148,15 +149,23 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
                 return _error(400, "image must be pinned by digest (repository@sha256:…)")
             return jsonify(status_json(ref.repository, ref.digest, records.status(ref)))
 
+        @api.errorhandler(AuditTampered)
+        def tampered(exc: AuditTampered) -> Response:
+            return _error(409, f"audit log TAMPERED: {exc}; run 'promotion-gate audit verify'")
+
         @api.get("/audit")
         def audit_events() -> Response:
             allowed_arg = request.args.get("allowed")
-            events = records.store.query_audit(
+            after = request.args.get("after", "0")
+            if not (after.isascii() and after.isdigit() and len(after) <= 18):
+                return _error(400, "after must be an event sequence number (0 to 999999999999999999)")
+            query = AuditQuery(
                 since=request.args.get("since"), until=request.args.get("until"),
                 namespace=request.args.get("namespace"), user=request.args.get("user"),
                 digest=request.args.get("digest"), reason=request.args.get("reason"),
-                allowed=None if allowed_arg is None else allowed_arg.lower() == "true", limit=_limit())
-            return jsonify({"events": events})
+                allowed=None if allowed_arg is None else allowed_arg.lower() == "true")
+            page = records.store.audit_page(query, after=int(after), limit=_limit())
+            return Response(audit_chunks(page), mimetype="application/json")
 
         app.register_blueprint(api)
 
