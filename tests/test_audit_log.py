@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,6 +28,7 @@ from webhook import policy_file
 from webhook.decision_log import ChainedDecisionLog
 from webhook.metrics import Metrics
 from webhook.store import open_store
+from webhook.store.audit_format import Sealer, prepare
 from webhook.store.sql import AUDIT_LOCK_KEY
 
 
@@ -371,3 +376,73 @@ def test_an_over_long_uid_or_username_is_stored_whole_and_found(server_factory, 
     (event,) = gate.get("/api/v1/audit", params={"user": nul_user}, headers=reader).json()["events"]
     assert (event["user"], event["uid"]) == (nul_user, "nul-user")
     assert verify(store_url, kit) == (0, "audit log intact: 2 events, 1 signed checkpoints verified")
+
+
+# --- reads in bounded memory ----------------------------------------------------------------------------
+
+
+def fill(store_url: str, kit: Kit, count: int, findings: int) -> None:
+    """``count`` large events (each ``findings`` long finding lines) written through the real writer's path."""
+    store = open_store(store_url, migrate=True)
+    sealer = Sealer(kit.signing_key("release"), 5, 3600)
+    for start in range(0, count, 10):
+        store.append_audit([prepare(decision(i, findings=findings)) for i in range(start, min(start + 10, count))],
+                           sealer)
+    store.close()
+
+
+PEAK_PROBE = """
+import atexit, os, sys
+def peak():
+    status = open("/proc/self/status").read().split("VmHWM:")[1].split()[0]
+    open(os.environ["PEAK_FILE"], "w").write(status)
+atexit.register(peak)
+from webhook.cli import main
+main(sys.argv[1:], prog_name="promotion-gate")
+"""
+
+
+def peak_rss_kib(*args: str) -> tuple[int, str, int]:
+    """Run the CLI; its exit status, stdout and peak resident memory (VmHWM, read as it exits)."""
+    with tempfile.TemporaryDirectory() as scratch:
+        peak_file = Path(scratch) / "peak"
+        done = subprocess.run([sys.executable, "-c", PEAK_PROBE, *args], capture_output=True, text=True,
+                              env={**os.environ, "PEAK_FILE": str(peak_file)}, cwd=Path(__file__).parent.parent,
+                              timeout=300)
+        return done.returncode, done.stdout, int(peak_file.read_text())
+
+
+def test_reading_a_log_of_large_events_stays_in_bounded_memory(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    fill(store_url, kit, 240, findings=900)  # 240 events of about 400 KiB: about 95 MiB of event text
+    store = open_store(store_url)
+    huge = prepare(decision(240, findings=5000))  # 2.3 MiB, beyond the API's read limit
+    store.append_audit([huge], Sealer(kit.signing_key("release"), 5, 3600))
+    store.close()
+    gate = server_factory(policy=kit.policy_path.read_text(), store=store_url)
+    reader = {"Authorization": f"Bearer {kit.token('reader')}"}
+    before = gate.peak_memory_kib()
+
+    first = gate.get("/api/v1/audit?limit=1000", headers=reader)
+    page = first.json()
+    assert len(first.content) <= 8 * 1024 * 1024 + 64 * 1024  # at most 8 MiB of events per answer
+    assert [e["seq"] for e in page["events"]] == list(range(1, len(page["events"]) + 1))
+    assert page["next"] == len(page["events"])
+    seen = len(page["events"])
+    while "next" in page:
+        page = gate.get(f"/api/v1/audit?limit=1000&after={page['next']}", headers=reader).json()
+        seen += len(page["events"])
+    assert seen == 241
+    omitted = page["events"][-1]
+    assert omitted["omitted"] == (f"event of {len(huge.text(241))} characters is larger than the read limit of 1048576; "
+                                  "read it with 'promotion-gate audit --store …'")
+    traced = gate.get(f"/api/v1/trace/{TRACED}", headers=reader).json()
+    assert len(traced["admissions"]) < 241 and traced["admissionsNext"] == traced["admissions"][-1]["seq"]
+    assert gate.peak_memory_kib() - before < 96 * 1024  # the whole log is 95 MiB; one answer holds 8 at most
+
+    code, output, peak = peak_rss_kib("audit", "verify", "--store", store_url, "--key", public_key(kit))
+    assert (code, output) == (0, "audit log intact: 241 events, 49 signed checkpoints verified\n")
+    assert peak < 128 * 1024  # verify walks the chain in chunks, never the whole 95 MiB log
+    code, output, peak = peak_rss_kib("audit", "--store", store_url, "--policy", str(kit.policy_path), "--output",
+                                      "json", "--limit", "100000")
+    assert (code, output.count("\n")) == (0, 241)
+    assert peak < 128 * 1024  # printed as it is read
