@@ -9,7 +9,7 @@ TOOLCHAIN   := tools/build-toolchain.sh
 TOOLBIN     := $(shell echo $${PROMOTION_GATE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/promotion-gate})/bin
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind clean
+.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind faults clean
 
 help:
 	@echo "make run        serve the webhook on https://127.0.0.1:8443 (SQLite store under ./var/)"
@@ -17,6 +17,7 @@ help:
 	@echo "make unit       the suite without the control-plane tests"
 	@echo "make lint       ruff, mypy and the import layers (import-linter)"
 	@echo "make bench      benchmarks, reported as ratios against a baseline (docs/benchmarks.md)"
+	@echo "make faults     kill -9 under load on both backends, FAULT_CYCLES (50) times each: nothing acknowledged lost"
 	@echo "make manifests  re-render manifests/ from the Helm chart"
 	@echo "make e2e-kind   the end-to-end suite against a kind cluster (needs Docker)"
 
@@ -54,6 +55,11 @@ unit: venv system-deps toolchain
 
 test: venv system-deps toolchain lint
 	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+# kill -9 during admissions and record submissions, on SQLite and PostgreSQL (make test runs 3 cycles of each).
+FAULT_CYCLES ?= 50
+faults: venv system-deps
+	PROMOTION_GATE_FAULT_CYCLES=$(FAULT_CYCLES) $(BIN)/pytest -s tests/test_faults.py $(PYTEST_ARGS)
 
 bench: venv system-deps
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
