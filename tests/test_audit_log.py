@@ -446,3 +446,20 @@ def test_reading_a_log_of_large_events_stays_in_bounded_memory(server_factory, k
                                       "json", "--limit", "100000")
     assert (code, output.count("\n")) == (0, 241)
     assert peak < 128 * 1024  # printed as it is read
+
+
+def test_any_unicode_json_carries_is_logged_printed_and_queried(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_factory(policy=kit.policy_path.read_text(), store=store_url)
+    user = "d\u00e9v \U0001f600 \u202eevil\u202c \ufeff@example.com"
+    body = review(workload("Pod", ["app:1"], name="p\u00e9", namespace="payments-ci"), user=user)
+    assert gate.post("/validate", json=body).status_code == 200
+    # A lone surrogate is not text: refused at the door, and nothing reaches the log.
+    raw = json.dumps(review(workload("Pod", ["app:1"], namespace="payments-ci"), user="x")).replace('"x"', '"\\ud800"')
+    refused = gate.post("/validate", data=raw.encode(), headers={"Content-Type": "application/json"})
+    assert (refused.status_code, refused.json()) == (400, {"error": "body is not valid JSON", "code": 400})
+    shown = cli("audit", "--store", store_url, "--policy", str(kit.policy_path), "--user", user)
+    assert shown.returncode == 0 and f"by {user} [mutable-tag]" in shown.stdout
+    unkeyed = cli("audit", "verify", "--store", store_url)
+    assert (unkeyed.stdout, unkeyed.stderr) == (
+        "audit log intact: 1 events, 0 signed checkpoints verified\n",
+        "note: no signed checkpoint in the log: only the chain's internal consistency was checked\n")

@@ -15,7 +15,7 @@ from webhook.core import promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
 from webhook.core.promotion import PromotionStatus, StoredRecord
-from webhook.core.records import RecordKind, SignedRecord, open_envelope
+from webhook.core.records import RecordKind, SignedRecord, open_envelope, unpaired_surrogate
 from webhook.store.errors import DuplicateRecord
 from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditPage, AuditQuery, SqlStore
 
@@ -112,6 +112,10 @@ class Ledger:
             signed = open_envelope(envelope)
         except InvalidInput as exc:
             return Malformed(str(exc))
+        where = unpaired_surrogate(signed.envelope.payload)
+        if where is not None:
+            return Malformed(f"malformed envelope: statement: {where} holds an unpaired UTF-16 surrogate (an escape "
+                             "such as \\ud800 without its pair), which is not Unicode text")
         record = signed.record
         if not may_write(record.environment):
             return Forbidden(f'identity "{identity}" may not write records for environment "{record.environment}"')
