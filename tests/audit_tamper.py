@@ -206,6 +206,16 @@ def _append_forged_event(a: Attacker) -> None:
         a.sql("INSERT INTO audit_images (event_seq, digest) VALUES (:s, :d)", s=last["seq"] + 1, d=d)
 
 
+def _giant_event(a: Attacker) -> None:
+    last = a.events()[-1]
+    text = "x" * GIANT
+    a.sql("INSERT INTO audit_events (seq, time, uid, namespace, username, allowed, reasons, event, prev_hash, hash) "
+          "VALUES (:s, 't', 'u', 'n', 'user', :a, '', :e, :p, :h)", s=last["seq"] + 1, a=False, e=text,
+          p=last["hash"], h=chain_hash(last["seq"] + 1, last["hash"], text))
+
+
+GIANT = 64 * 1024 * 1024 + 1  # more than any server writes: verify reports it without reading it
+
 ANCHOR_MISSING = ("{anchor} of the anchor is not in the log: the log was truncated or emptied after the anchor "
                   "was taken")
 NOT_SEALED = "not covered by any signed checkpoint: the checkpoints were removed, or the server runs without --server-key"
@@ -316,6 +326,9 @@ CORPUS: dict[str, Case] = {
     "empty every audit table": Case(
         lambda a: a.sql(*(f"DELETE FROM {table}" for table in AUDIT_TABLES)), None, ANCHOR_MISSING),
     "append a forged event after the newest checkpoint": Case(_append_forged_event, None, None),
+    "insert an event too large to read": Case(
+        _giant_event, f"event 23 holds {GIANT} characters, more than any server writes: it was inserted or altered "
+                      "(not read)", "="),
 }
 
 

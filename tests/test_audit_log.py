@@ -463,3 +463,16 @@ def test_any_unicode_json_carries_is_logged_printed_and_queried(server_factory, 
     assert (unkeyed.stdout, unkeyed.stderr) == (
         "audit log intact: 1 events, 0 signed checkpoints verified\n",
         "note: no signed checkpoint in the log: only the chain's internal consistency was checked\n")
+
+
+def test_a_running_server_notices_when_its_chain_is_cut_back(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    gate = server_with_events(server_factory, kit, store_url)
+    attacker_on(store_url).sql("DELETE FROM audit_checkpoint_chain WHERE seq >= 3",
+                               "DELETE FROM audit_images WHERE event_seq > 8", "DELETE FROM audit_events WHERE seq > 8")
+    gate.post("/validate", json=review(workload("Pod", ["app:1"], name="after", namespace="team-x")))
+    assert ("audit log TAMPERED: the chain went backwards (event 9 was written after this server had written event 12): "
+            "events or checkpoints were removed from the database; run 'promotion-gate audit verify --anchor'"
+            ) in gate.log()
+    assert "promotion_gate_audit_chain_regressions_total 1.0" in gate.get("/metrics").text
+    anchored = cli("audit", "verify", "--store", store_url, "--key", public_key(kit), "--anchor", str(gate.log_path))
+    assert anchored.returncode == 1 and "of the anchor is not in the log" in anchored.stdout

@@ -218,6 +218,8 @@ class ChainedDecisionLog:
         self._stdout = stdout or StdoutDecisionLog()
         self._lanes = _Lanes(max_batch)
         self._uncovered = self._sealer is not None  # unknown at start: events of a crashed process may wait
+        self._newest_event = 0  # what this process wrote last: the chain never goes below it
+        self._newest_checkpoint = 0
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
@@ -254,9 +256,27 @@ class ChainedDecisionLog:
                 else:
                     item.done.set_result(result.seq)
                     newest = max(newest, result.seq)
+            self._check_progress([r.seq for r in outcome.results if not isinstance(r, Exception)],
+                                 outcome.checkpoints)
             self._published(outcome.checkpoints)
             if self._sealer is not None and newest:
                 self._uncovered = not outcome.checkpoints or outcome.checkpoints[-1].event_seq < newest
+
+    def _check_progress(self, stored: list[int], checkpoints: list[Checkpoint]) -> None:
+        """The chain only grows: finding it below what this process wrote means rows were deleted."""
+        regressed = []
+        if stored and min(stored) <= self._newest_event:
+            regressed.append(f"event {min(stored)} was written after this server had written event "
+                             f"{self._newest_event}")
+        if checkpoints and checkpoints[0].seq <= self._newest_checkpoint:
+            regressed.append(f"checkpoint {checkpoints[0].seq} was signed after this server had signed checkpoint "
+                             f"{self._newest_checkpoint}")
+        if regressed:
+            self._metrics.audit_regressions.inc()
+            log.error("audit log TAMPERED: the chain went backwards (%s): events or checkpoints were removed from "
+                      "the database; run 'promotion-gate audit verify --anchor'", "; ".join(regressed))
+        self._newest_event = max([self._newest_event, *stored])
+        self._newest_checkpoint = max([self._newest_checkpoint, *(c.seq for c in checkpoints)])
 
     def _seal_if_due(self, *, force: bool = False) -> None:
         if self._sealer is None:
@@ -267,6 +287,7 @@ class ChainedDecisionLog:
             self._metrics.audit_errors.inc()
             log.error("audit checkpoint failed: %s", exc)
             return
+        self._check_progress([], [checkpoint] if checkpoint else [])
         self._published([checkpoint] if checkpoint else [])
 
     def _published(self, checkpoints: list[Checkpoint]) -> None:

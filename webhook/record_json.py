@@ -12,7 +12,7 @@ from webhook import ledger
 from webhook.core import records
 from webhook.core.promotion import PromotionStatus, StoredRecord
 from webhook.ledger import Trace
-from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditHit, AuditPage
+from webhook.store.sql import MAX_EVENT_READ_CHARS, MAX_LOCAL_EVENT_CHARS, AuditHit, AuditPage
 
 
 def stored_json(stored: StoredRecord, *, with_envelope: bool = True) -> dict[str, Any]:
@@ -31,25 +31,28 @@ def status_json(repository: str, digest: str, states: Mapping[str, PromotionStat
               "detail": s.detail} for env, s in states.items()}}
 
 
-def omitted_event(hit: AuditHit) -> dict[str, Any]:
+def omitted_event(hit: AuditHit, limit: int, hint: str) -> dict[str, Any]:
     """An event too large to be read in full here: its indexed columns (not re-checked), and why."""
     c = hit.columns
     return {"seq": hit.seq, "time": c.time, "uid": c.uid, "namespace": c.namespace, "user": c.username,
             "allowed": c.allowed, "reasons": c.reasons.split(",") if c.reasons else [],
-            "omitted": f"event of {hit.size} characters is larger than the read limit of {MAX_EVENT_READ_CHARS}; "
-                       "read it with 'promotion-gate audit --store …'"}
+            "omitted": f"event of {hit.size} characters is larger than the read limit of {limit}; {hint}"}
 
 
 def event_json(hit: AuditHit) -> dict[str, Any]:
+    """An event read from a local store (``--store``): parsed, unless it is larger than any server writes."""
     if hit.text is None:
-        return omitted_event(hit)
+        return omitted_event(hit, MAX_LOCAL_EVENT_CHARS, "no server writes such events: run 'promotion-gate audit "
+                                                         "verify'")
     parsed: dict[str, Any] = orjson.loads(hit.text)
     return parsed
 
 
 def event_bytes(hit: AuditHit) -> bytes:
-    """The stored event as it was hashed (never re-serialised), or the omitted form."""
-    return hit.text.encode() if hit.text is not None else orjson.dumps(omitted_event(hit))
+    """An event as the API sends it: the stored text as it was hashed (never re-serialised), or the omitted form."""
+    if hit.text is not None:
+        return hit.text.encode()
+    return orjson.dumps(omitted_event(hit, MAX_EVENT_READ_CHARS, "read it with 'promotion-gate audit --store …'"))
 
 
 def _trace_head(trace: Trace) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from webhook.core.policy import Policy
 from webhook.core.promotion import Promotion, PromotionStatus, RecordView, Subject
 from webhook.core.records import RecordKind
 from webhook.store import SqlStore, StoreError, open_store
-from webhook.store.sql import AuditQuery
+from webhook.store.sql import MAX_LOCAL_EVENT_CHARS, AuditQuery
 
 MAX_TOKEN_BYTES = 4096
 MAX_PAGE_EVENTS = 1000  # what the server answers at most per request
@@ -175,11 +175,11 @@ class LocalBackend:
         return [record_json.stored_json(s) for s in self.ledger.find(**filters)]
 
     def trace(self, digest: str) -> dict[str, Any]:
-        return record_json.trace_json(self.ledger.trace(digest, max_event_chars=None))
+        return record_json.trace_json(self.ledger.trace(digest, max_event_chars=MAX_LOCAL_EVENT_CHARS))
 
     def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]:
         """Streamed from the store: one event in memory at a time, whatever the size of the log."""
-        hits = self.ledger.store.query_audit(AuditQuery(**filters), max_event_chars=None)
+        hits = self.ledger.store.query_audit(AuditQuery(**filters), max_event_chars=MAX_LOCAL_EVENT_CHARS)
         for hit in itertools.islice(hits, limit):
             yield record_json.event_json(hit)
 

@@ -31,7 +31,7 @@ from webhook.store.audit_format import (
     rfc3339,
 )
 from webhook.store.errors import AuditTampered
-from webhook.store.sql import SqlStore, StoredEvent, recheck
+from webhook.store.sql import MAX_LOCAL_EVENT_CHARS, SqlStore, StoredEvent, recheck
 
 __all__ = ["AnchorOutcome", "VerifyReport", "advance_anchor", "newest_anchor", "verify"]
 
@@ -170,7 +170,7 @@ def _walk_events(store: SqlStore, chain: _Chain, start: tuple[int, str], report:
     expected_seq, expected_prev = start_seq, start_prev
     last_seal = chain.last_seal
     first_uncovered: tuple[int, str] | None = None
-    for stored in store.events():
+    for stored in store.events(max_event_chars=MAX_LOCAL_EVENT_CHARS):
         seq = stored.seq
         if seq < start_seq:
             marker = chain.newest_prune
@@ -186,6 +186,9 @@ def _walk_events(store: SqlStore, chain: _Chain, start: tuple[int, str], report:
         if stored.prev_hash != expected_prev:
             raise _Tampered(f"event {seq} does not follow event {seq - 1}: the chain was reordered or an earlier event "
                             "was altered")
+        if stored.text is None:
+            raise _Tampered(f"event {seq} holds {stored.size} characters, more than any server writes: it was "
+                            "inserted or altered (not read)")
         event = _checked(stored)
         images.orphans_before(seq)
         if images.of(seq) != digests_of(event):

@@ -49,6 +49,9 @@ PARSED_CACHE_SIZE = 65536
 READ_CHUNK_CHARS = 8 * 1024 * 1024  # event text held in memory at once while reading the log
 MAX_PAGE_CHARS = 8 * 1024 * 1024  # event text in one answer of the API
 MAX_EVENT_READ_CHARS = 1024 * 1024  # larger events are answered without their text by the API
+# Servers write events of at most 8 Mi characters (older versions: some of tens of MiB); anything far
+# larger was put there by hand, and reading it whole could exhaust the reader's memory.
+MAX_LOCAL_EVENT_CHARS = 64 * 1024 * 1024
 
 
 def redact(url: str) -> str:
