@@ -476,3 +476,14 @@ def test_a_running_server_notices_when_its_chain_is_cut_back(server_factory, kit
     assert "promotion_gate_audit_chain_regressions_total 1.0" in gate.get("/metrics").text
     anchored = cli("audit", "verify", "--store", store_url, "--key", public_key(kit), "--anchor", str(gate.log_path))
     assert anchored.returncode == 1 and "of the anchor is not in the log" in anchored.stdout
+
+
+def test_audit_checkpoint_seals_the_newest_events_on_demand(server_factory, kit: Kit, store_url: str) -> None:  # type: ignore[no-untyped-def]
+    server_with_events(server_factory, kit, store_url)  # checkpoints cover events 1, 6 and 11; 12 waits
+    sealed = cli("audit", "checkpoint", "--store", store_url, "--key", str(kit.key("release")))
+    newest = open_store(store_url).checkpoint_head()
+    assert newest is not None and (newest.seq, newest.event_seq, newest.every, newest.seconds) == (4, 12, 5, 60)
+    assert sealed.stdout == (f"checkpoint 4 at event 12 ({newest.event_hash[:16]}…) signed by "
+                             f"{kit.signing_key('release').key_id[:12]}\n")
+    again = cli("audit", "checkpoint", "--store", store_url, "--key", str(kit.key("release")))
+    assert (again.returncode, again.stdout) == (0, "nothing to checkpoint: checkpoint 4 covers event 12\n")

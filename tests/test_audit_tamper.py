@@ -194,11 +194,40 @@ def test_pruning_leaves_a_signed_marker_that_truncation_cannot_fake(log: Log, tm
             break  # one copy of the pruned log on PostgreSQL: the other cases are covered on SQLite
 
 
-def test_a_prune_marker_needs_the_private_key(log: Log) -> None:
-    pruned = cli("audit", "prune", "--store", log.copy(), "--key", str(log.public_key), "--before",
-                 "2999-01-01T00:00:00Z")
-    assert pruned.returncode == 2
-    assert f"Invalid value for --key: {log.public_key}: not an unencrypted PEM private key" in pruned.stderr
+def test_prune_refusals(log: Log, tmp_path: Path) -> None:
+    key = str(log.public_key).removesuffix(".pub")
+    url = log.copy()
+    public = cli("audit", "prune", "--store", url, "--key", str(log.public_key), "--before", "2999-01-01T00:00:00Z")
+    assert public.returncode == 2  # a prune marker is signed: the private key is needed
+    assert f"Invalid value for --key: {log.public_key}: not an unencrypted PEM private key" in public.stderr
+    nothing = cli("audit", "prune", "--store", url, "--key", key, "--before", "2000-01-01T00:00:00Z")
+    assert (nothing.returncode, nothing.stderr) == (1, "Error: no event is older than 2000-01-01T00:00:00Z; nothing to "
+                                                       "prune\n")
+    sloppy = cli("audit", "prune", "--store", url, "--key", key, "--before", "last week")
+    assert sloppy.returncode == 2
+    assert ("Invalid value for --before: 'last week' is not an RFC 3339 time such as 2026-11-25T00:00:00Z"
+            in " ".join(sloppy.stderr.split()))
+    attacker = attacker_on(url, log.golden)
+    attacker.sql("DELETE FROM audit_checkpoint_chain WHERE seq = 3")
+    attacker.store.close()
+    refused = cli("audit", "prune", "--store", url, "--key", key, "--before", "2999-01-01T00:00:00Z")
+    assert (refused.returncode, refused.stderr) == (
+        1, "Error: refusing to prune a log that does not verify: checkpoint 3 removed: the checkpoint chain jumps from "
+           "checkpoint 2 to 4\n")
+
+
+def test_without_a_key_only_the_chains_consistency_is_checked(log: Log) -> None:
+    url = log.copy()
+    attacker = attacker_on(url, log.golden)
+    CORPUS["rewrite the chain, every checkpoint dropped"].tamper(attacker)
+    attacker.store.close()
+    result = CliRunner().invoke(main, ["audit", "verify", "--store", url])
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        0, "audit log intact: 22 events, 0 signed checkpoints verified\n",
+        "note: no signed checkpoint in the log: only the chain's internal consistency was checked\n")
+    unkeyed = CliRunner().invoke(main, ["audit", "verify", "--store", log.url])
+    assert (unkeyed.exit_code, unkeyed.stderr) == (
+        0, "note: checkpoint signatures not checked (pass --key with the server's public key)\n")
 
 
 def policy_with(root: Path, **audit: object) -> str:
