@@ -218,7 +218,7 @@ GIANT = 64 * 1024 * 1024 + 1  # more than any server writes: verify reports it w
 
 ANCHOR_MISSING = ("{anchor} of the anchor is not in the log: the log was truncated or emptied after the anchor "
                   "was taken")
-NOT_SEALED = "not covered by any signed checkpoint: the checkpoints were removed, or the server runs without --server-key"
+NOT_SEALED = "are not covered by any signed checkpoint: the checkpoints were removed, or the server runs without --server-key"
 INDEX = "the images index does not match its hashed content (rows were edited, deleted or inserted)"
 
 CORPUS: dict[str, Case] = {
@@ -261,12 +261,12 @@ CORPUS: dict[str, Case] = {
         "newer checkpoints were removed", ANCHOR_MISSING),
     "rewrite the chain, every checkpoint dropped": Case(
         lambda a: a.rewrite(3, _flip, then="DELETE FROM audit_checkpoint_chain"),
-        f"events 1-22 are {NOT_SEALED}", ANCHOR_MISSING),
+        f"events 1-22 {NOT_SEALED}", ANCHOR_MISSING),
     "rewrite the chain and re-sign it with the server key": Case(
         lambda a: a.rewrite(3, _flip, resign=True),
         None, "checkpoint {newest} differs from the anchor's signed copy: the checkpoint chain was rewritten"),
     "drop every checkpoint": Case(
-        lambda a: a.sql("DELETE FROM audit_checkpoint_chain"), f"events 1-22 are {NOT_SEALED}", ANCHOR_MISSING),
+        lambda a: a.sql("DELETE FROM audit_checkpoint_chain"), f"events 1-22 {NOT_SEALED}", ANCHOR_MISSING),
     "delete a checkpoint": Case(
         lambda a: a.sql("DELETE FROM audit_checkpoint_chain WHERE seq = 3"),
         "checkpoint 3 removed: the checkpoint chain jumps from checkpoint 2 to 4", "="),

@@ -25,7 +25,7 @@ from tools.promotion_kit import Kit, cli, make_kit, policy_document
 from tools.reviews import review, workload
 from tools.servers import RunningServer
 from webhook import policy_file
-from webhook.decision_log import ChainedDecisionLog
+from webhook.decision_log import AuditEventTooLarge, ChainedDecisionLog
 from webhook.metrics import Metrics
 from webhook.store import open_store
 from webhook.store.audit_format import Sealer, prepare
@@ -487,3 +487,14 @@ def test_audit_checkpoint_seals_the_newest_events_on_demand(server_factory, kit:
                              f"{kit.signing_key('release').key_id[:12]}\n")
     again = cli("audit", "checkpoint", "--store", store_url, "--key", str(kit.key("release")))
     assert (again.returncode, again.stdout) == (0, "nothing to checkpoint: checkpoint 4 covers event 12\n")
+
+
+def test_the_writer_refuses_an_event_no_server_should_write(kit: Kit, tmp_path: Path) -> None:
+    store = open_store(f"sqlite:///{tmp_path / 's.db'}", migrate=True)
+    log = ChainedDecisionLog(store, policy_file.load(kit.policy_path), Metrics())
+    giant = decision(1, findings=20000)  # about 9 Mi characters
+    with pytest.raises(AuditEventTooLarge) as refused:
+        log.append(giant, timeout=10)
+    assert str(refused.value) == (f"audit event of {prepare(giant).size} characters is larger than the audit log's "
+                                  "limit of 8388608")
+    assert log.append(decision(2), timeout=10) == 1  # only that one

@@ -184,3 +184,10 @@ def test_a_lone_surrogate_is_refused_at_ingest_and_what_is_stored_always_prints(
             assert f"@{digest} -> ci by ci\\ud800bot (record " in shown.stdout
         as_json = cli(*args, *remote, "--output", "json")
         assert as_json.returncode == 0 and "ci\\ud800bot" in as_json.stdout
+
+
+@pytest.mark.parametrize("after", ["\u00b2", "9" * 5000, str(2**100), "-1", "1.5"])
+def test_audit_paging_takes_only_a_sequence_number(gate: RunningServer, kit: Kit, after: str) -> None:
+    reply = gate.get("/api/v1/audit", params={"after": after}, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert (reply.status_code, reply.json()) == (
+        400, {"error": "after must be an event sequence number (0 to 999999999999999999)", "code": 400})

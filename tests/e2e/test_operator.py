@@ -326,6 +326,7 @@ def test_the_audit_anchor_follows_the_log_and_keeps_what_exposes_a_truncation(
 
         kept = gate_mod.eventually(alarmed, timeout=30, interval=0.25, what="the anchor to raise the alarm")
         assert kept["checkpoint.json"] == newest["checkpoint.json"]  # the anchor that exposes it stays
+        assert f"audit log TAMPERED: {problem}; the anchor in ConfigMap {namespace}/{ANCHOR} was kept" in running.log()
         events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={ANCHOR}").items
         assert [(e.type, e.reason, e.message) for e in events] == [
             ("Warning", "AuditLogTampered", f"audit log TAMPERED: {problem}")]
