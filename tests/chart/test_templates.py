@@ -10,12 +10,20 @@ import click
 import pytest
 import yaml
 
-from tests.chart.helm import DIGEST, NAMESPACE, Rendered, render, render_error, render_notes, run_helm
+from tests.chart.helm import (
+    DIGEST,
+    NAMESPACE,
+    Rendered,
+    render,
+    render_error,
+    render_notes,
+    run_helm,
+    server_key_values,
+)
 from tests.chart.k8s_models import structural_errors
 from tools.render_manifests import CHART
 from webhook import cli as cli_mod
 from webhook import policy_file as policy_mod
-from webhook.core import keys
 from webhook.core.policy import Mode
 
 CA_BUNDLE = base64.b64encode(b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n").decode()
@@ -27,14 +35,9 @@ PROVIDED = {
     "certificates.provided.caBundle": CA_BUNDLE,
 }
 URL = {"webhook.url": "https://127.0.0.1:9443/validate", "webhook.caBundle": CA_BUNDLE}
-SERVER_PUBLIC_KEY = keys.generate("ed25519").verifying.public_pem().decode()
 # The server key signs audit checkpoints; the policy names its public key, and the operator anchors the log.
-SERVER_KEY = {
-    "serverKey.enabled": True,
-    "serverKey.existingSecret": "server-key",
-    "policy.keys": {"server": {"publicKey": SERVER_PUBLIC_KEY}},
-    "policy.audit": {"checkpointKeys": ["server"]},
-}
+SERVER_KEY = server_key_values()
+SERVER_PUBLIC_KEY = SERVER_KEY["policy.keys"]["server"]["publicKey"]
 
 # Value sets every object-level check runs against.
 SCENARIOS: dict[str, dict[str, Any]] = {
