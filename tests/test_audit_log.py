@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import sqlite3
@@ -27,8 +28,16 @@ from tools.servers import RunningServer
 from webhook import policy_file
 from webhook.decision_log import AuditEventTooLarge, ChainedDecisionLog
 from webhook.metrics import Metrics
-from webhook.store import open_store
-from webhook.store.audit_format import Sealer, prepare
+from webhook.store import open_store, schema
+from webhook.store.audit_format import (
+    GENESIS,
+    Sealer,
+    canonical,
+    chain_hash,
+    columns_of,
+    legacy_checkpoint_message,
+    prepare,
+)
 from webhook.store.sql import AUDIT_LOCK_KEY
 
 
@@ -498,3 +507,36 @@ def test_the_writer_refuses_an_event_no_server_should_write(kit: Kit, tmp_path: 
     assert str(refused.value) == (f"audit event of {prepare(giant).size} characters is larger than the audit log's "
                                   "limit of 8388608")
     assert log.append(decision(2), timeout=10) == 1  # only that one
+
+
+def test_a_log_written_before_chained_checkpoints_still_verifies_and_goes_on(kit: Kit, store_url: str) -> None:
+    # A version-2 database: events and one unchained checkpoint, as the earlier release wrote them.
+    store = open_store(store_url)
+    with store.write_engine.begin() as conn:
+        schema.schema_version.create(conn)
+        for version, migration in enumerate(schema.MIGRATIONS[:2], start=1):
+            migration(conn)
+            conn.execute(schema.schema_version.insert().values(version=version))
+        prev = GENESIS
+        for seq in (1, 2, 3):
+            text = canonical({**decision(seq), "seq": seq})
+            digest = chain_hash(seq, prev, text)
+            c = columns_of(json.loads(text))
+            conn.execute(schema.audit_events.insert().values(
+                seq=seq, time=c.time, uid=c.uid, namespace=c.namespace, username=c.username, allowed=c.allowed,
+                reasons=c.reasons, event=text, prev_hash=prev, hash=digest))
+            conn.execute(schema.audit_images.insert().values(event_seq=seq, digest=TRACED))
+            prev = digest
+        key = kit.signing_key("release")
+        conn.execute(schema.audit_checkpoints.insert().values(
+            event_seq=3, event_hash=prev, created_at="2026-01-01T00:00:00.000000Z", key_id=key.key_id,
+            signature=base64.b64encode(key.sign(legacy_checkpoint_message(3, prev))).decode(), pruned_before=False))
+    store.close()
+    upgraded = cli("audit", "verify", "--store", store_url, "--key", public_key(kit))  # migrates to version 3
+    assert (upgraded.returncode, upgraded.stdout, upgraded.stderr) == (
+        0, "audit log intact: 3 events, 1 signed checkpoints verified\n",
+        "note: the log has only unchained checkpoints of an older version; the guarantees of chained checkpoints "
+        "start with the first event a current server writes\n")
+    log = ChainedDecisionLog(open_store(store_url), policy_file.load(kit.policy_path), Metrics(), server_key=key)
+    assert log.append(decision(4), timeout=10) == 4
+    assert verify(store_url, kit) == (0, "audit log intact: 4 events, 2 signed checkpoints verified")

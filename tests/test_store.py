@@ -193,10 +193,10 @@ def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> N
 
 def test_migrations_are_idempotent(store_url: str) -> None:
     first = open_store(store_url)
-    assert first.migrate() == first.migrate() == 2
+    assert first.migrate() == first.migrate() == 3
     with first.engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).scalars().all()
-    assert versions == [1, 2]
+    assert versions == [1, 2, 3]
 
 
 def test_lookup_by_digest_and_environment_is_indexed(store: SqlStore) -> None:
