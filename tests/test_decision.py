@@ -96,11 +96,16 @@ def test_labels_mean_nothing_to_a_policy_without_environments() -> None:
     assert result.allowed is True
 
 
-def test_revocation_is_named_in_the_denial() -> None:
-    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(Promotion.NOT_PROMOTED, promoted_to=("ci",),
-                                                                   detail="revoked")})
+@pytest.mark.parametrize(("revoked_from", "promoted"), [
+    ("staging", "ci; revoked from staging"),
+    ("ci", "none; revoked from ci"),  # an upstream revocation took this environment's promotion away
+])
+def test_revocation_is_named_in_the_denial(revoked_from: str, promoted: str) -> None:
+    promoted_to = ("ci",) if revoked_from == "staging" else ()
+    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(
+        Promotion.NOT_PROMOTED, promoted_to=promoted_to, detail="revoked", revoked_from=revoked_from)})
     assert result.message == (f'[not-promoted] Pod shop/p spec.containers[0] "c0": {IMAGE} has no promotion record '
-                               f'for environment "staging" (promoted to: ci; revoked from staging). Promote it: '
+                               f'for environment "staging" (promoted to: {promoted}). Promote it: '
                                f"promotion-gate promote {IMAGE} --to staging")
 
 

@@ -15,7 +15,7 @@ from webhook.core import promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
 from webhook.core.promotion import PromotionStatus, StoredRecord
-from webhook.core.records import RecordKind, SignedRecord, open_envelope
+from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id
 from webhook.store.errors import DuplicateRecord
 from webhook.store.sql import SqlStore
 
@@ -135,7 +135,9 @@ class Ledger:
                                         ref.digest)
 
     def trace(self, digest: str) -> Trace:
-        stored = self.store.records_for_digest(digest)
+        # Only what the rules count: a row whose id is not its content address, or a second copy of a
+        # payload, is not part of anyone's chain of custody.
+        stored = promotion_rules.authentic(self.store.records_for_digest(digest))
         states = {repository: promotion_rules.evaluate(self.policy, stored, repository, digest)
                   for repository in sorted({s.record.repository for s in stored})}
         return Trace(digest, tuple(stored), states,
@@ -143,5 +145,6 @@ class Ledger:
 
     def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
              limit: int = 100, after: int = 0) -> list[StoredRecord]:
-        return self.store.find_records(repository=repository, digest=digest, environment=environment, limit=limit,
-                                       after=after)
+        found = self.store.find_records(repository=repository, digest=digest, environment=environment, limit=limit,
+                                        after=after)
+        return [s for s in found if s.id == record_id(s.envelope)]

@@ -65,6 +65,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key {names}"
     if error.validator == "required":
         return f"{where}: {error.message}"
+    if error.validator == "pattern" and isinstance(error.schema, Mapping) and error.schema.get("description"):
+        # The pattern itself is for machines; the description says what the value must be.
+        return f"{where}: {error.instance!r} is not {error.schema['description']}"
     if error.validator == "oneOf" and isinstance(error.instance, Mapping):
         return f"{where}: give exactly one of publicKeyFile or publicKey"
     return f"{where}: {error.message}"

@@ -81,7 +81,7 @@ def decide(
     """Judge one admission request. Raises ``WorkloadShapeError`` for objects of the wrong shape."""
     if request.operation in ("DELETE", "CONNECT"):
         return _allowed(f"{request.operation} is never blocked")
-    if request.object is None:
+    if request.object is None:  # a DELETE or CONNECT; the review refuses CREATE and UPDATE without one
         return _allowed("no object")
     if not workloads.supports(request.kind):
         return _allowed(f"{request.kind} is not a workload kind")
@@ -97,23 +97,24 @@ def decide(
         )
 
     candidates = workload.images
-    sets_break_glass = workload.break_glass is not None
+    old = None
     if request.operation == "UPDATE" and request.old_object is not None:
         old = workloads.extract(
             request.old_object, kind=request.kind, namespace=request.namespace, name=request.name
         )
         if old.deleting or workload.deleting:
             return _allowed("object is being deleted", subject=subject)
+    # Adding, changing or moving the break-glass annotation, in any place it can live, is judged in
+    # full: it is what the workload and the objects its controllers create will be admitted by.
+    # Removing it is not: taking the exception back must always be possible.
+    sets_break_glass = workload.sets_break_glass_over(old)
+    if old is not None and not sets_break_glass:
         # Only images the update introduces are judged: a scale-down, a label change or a finalizer
-        # removal must never be blocked because of what is already running. Adding or changing the
-        # break-glass annotation is judged in full: it is what the workload's Pods will be admitted by.
-        # Removing it is not: taking the exception back must always be possible.
-        sets_break_glass = sets_break_glass and old.break_glass != workload.break_glass
-        if not sets_break_glass:
-            before = {c.image for c in old.images}
-            candidates = tuple(c for c in workload.images if c.image not in before)
-            if not candidates:
-                return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
+        # removal must never be blocked because of what is already running.
+        before = {c.image for c in old.images}
+        candidates = tuple(c for c in workload.images if c.image not in before)
+        if not candidates:
+            return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
 
     user = request.user
     # Pods and ReplicaSets are created by controllers, not by the person who broke glass: a trusted
@@ -263,4 +264,4 @@ def _judge_image(
     if status.state is Promotion.UNTRUSTED:
         return outcome, words.untrusted_record(subject, container, ref, environment, status.detail), warning
     return (outcome, words.not_promoted(subject, container, ref, environment, status.promoted_to,
-                                        revoked=status.detail == "revoked"), warning)
+                                        status.revoked_from), warning)

@@ -72,6 +72,11 @@ def parse_review(body: Any) -> AdmissionRequest:
         dry_run = False
     if not isinstance(dry_run, bool):
         raise MalformedReview("request.dryRun must be a boolean")
+    obj = _read.nullable_mapping(request.get("object"), "request.object")
+    if obj is None and operation in ("CREATE", "UPDATE"):
+        # The API server always sends the object being written; without it there is nothing to judge,
+        # and answering "allowed" would admit what was never seen.
+        raise MalformedReview(f"request.object is required for {operation}")
     return AdmissionRequest(
         uid=uid,
         kind=kind_name,
@@ -80,7 +85,7 @@ def parse_review(body: Any) -> AdmissionRequest:
         operation=operation,
         sub_resource=_read.text(request.get("subResource"), "request.subResource"),
         user=UserInfo(_read.text(user_info.get("username"), "request.userInfo.username"), groups),
-        object=_read.nullable_mapping(request.get("object"), "request.object"),
+        object=obj,
         old_object=_read.nullable_mapping(request.get("oldObject"), "request.oldObject"),
         dry_run=dry_run,
     )

@@ -28,10 +28,19 @@ POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
     "ReplicationController": ("spec", "template", "spec"),
     "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
 }
-# the object (template) whose metadata is what ends up on the Pods
-POD_METADATA_PATHS: dict[str, tuple[str, ...]] = {
-    kind: (*path[:-1], "metadata") if len(path) > 1 else ("metadata",) for kind, path in POD_SPEC_PATHS.items()
-}
+
+
+def metadata_places(pod_spec: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Every metadata that controllers copy onto what they create from this object, the object's own first.
+
+    Each template on the way to the Pod spec has one: a Deployment's ``spec.template.metadata`` (its
+    Pods), a CronJob's ``spec.jobTemplate.metadata`` (its Jobs) and ``spec.jobTemplate.spec.template
+    .metadata`` (their Pods). An annotation in any of them reaches objects admitted later.
+    """
+    return (("metadata",), *((*pod_spec[:index], "metadata") for index in range(1, len(pod_spec))
+                             if pod_spec[index] == "spec"))
+
+
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 
 
@@ -52,8 +61,9 @@ class Workload:
     namespace: str
     name: str
     images: tuple[ContainerImage, ...]
-    annotations: Mapping[str, str]
-    deleting: bool
+    # The break-glass annotation wherever it is set: (metadata path, value), the object's own first.
+    break_glass_places: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False
     controlled: bool = False  # created by a controller (has an ownerReference with controller: true)
 
     @property
@@ -62,7 +72,18 @@ class Workload:
 
     @property
     def break_glass(self) -> str | None:
-        return self.annotations.get(BREAK_GLASS_ANNOTATION)
+        """The reason this object is admitted by: its own annotation, else its templates' (outermost first)."""
+        return self.break_glass_places[0][1] if self.break_glass_places else None
+
+    def sets_break_glass_over(self, old: Workload | None) -> bool:
+        """Whether this version adds or changes the annotation in any place, compared with ``old``.
+
+        Each place is judged on its own: a value already present on the object must not mask one
+        added to, moved to or changed in a template, whose copies controllers create later. Removing
+        the annotation anywhere sets nothing.
+        """
+        before = dict(old.break_glass_places) if old is not None else {}
+        return any(before.get(place) != value for place, value in self.break_glass_places)
 
 
 def supports(kind: str) -> bool:
@@ -83,16 +104,13 @@ def extract(obj: Any, *, kind: str | None = None, namespace: str = "", name: str
         metadata.get("generateName"), "metadata.generateName"
     )
     namespace = namespace or _read.text(metadata.get("namespace"), "metadata.namespace")
-    annotations = _read.string_map(metadata.get("annotations"), "metadata.annotations")
-    template_meta_path = POD_METADATA_PATHS[kind]
-    if template_meta_path != ("metadata",):
-        template_meta = _walk(root, template_meta_path)
-        template_annotations = _read.string_map(
-            _read.mapping(template_meta, ".".join(template_meta_path)).get("annotations"),
-            ".".join((*template_meta_path, "annotations")),
-        )
-        # The workload's own annotation wins; the template's is what its Pods will carry.
-        annotations = {**template_annotations, **annotations}
+    places: list[tuple[str, str]] = []
+    for path in metadata_places(POD_SPEC_PATHS[kind]):
+        where = ".".join(path)
+        annotations = _read.string_map(_read.mapping(_walk(root, path), where).get("annotations"),
+                                       f"{where}.annotations")
+        if BREAK_GLASS_ANNOTATION in annotations:
+            places.append((where, annotations[BREAK_GLASS_ANNOTATION]))
     deleting = metadata.get("deletionTimestamp") is not None
     owners = metadata.get("ownerReferences") or []
     controlled = isinstance(owners, list) and any(isinstance(o, Mapping) and o.get("controller") is True
@@ -102,7 +120,7 @@ def extract(obj: Any, *, kind: str | None = None, namespace: str = "", name: str
         namespace=namespace,
         name=name,
         images=tuple(_images(root, POD_SPEC_PATHS[kind])),
-        annotations=annotations,
+        break_glass_places=tuple(places),
         deleting=deleting,
         controlled=controlled,
     )
