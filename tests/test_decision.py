@@ -130,3 +130,28 @@ def test_a_decision_log_that_cannot_be_written_never_causes_a_500(on_failure: st
     reply = client.post("/validate", json=review(workload("Pod", [IMAGE], name="p", namespace="shop")))
     assert reply.status_code == 200
     assert reply.json["response"]["allowed"] is allowed  # type: ignore[index]
+
+
+KINDS_POLICY = policy.parse({
+    "apiVersion": "promotion-gate.io/v1", "kind": "Policy", "namespaces": {"unmapped": "digest-only"},
+    "workloadKinds": [{"apiGroup": "argoproj.io", "kind": "Rollout", "resource": "rollouts",
+                       "podSpecPath": "spec.template.spec"}],
+}, base_dir=Path("."))
+
+
+@pytest.mark.parametrize(("group", "kind", "message"), [
+    ("argoproj.io", "Rollout", '[mutable-tag] Rollout shop/api spec.template.spec.containers[0] "c0": image "api:1" '
+                               "is a mutable tag; deploy by digest: api@sha256:<digest>"),
+    ("apps", "DaemonSet", '[mutable-tag] DaemonSet shop/api spec.template.spec.containers[0] "c0": image "api:1" '
+                          "is a mutable tag; deploy by digest: api@sha256:<digest>"),
+    ("apps.kruise.io", "DaemonSet", None),  # same kind name, another group: not a workload of the policy
+])
+def test_admission_matches_kinds_by_group_and_kind(group: str, kind: str, message: str | None) -> None:
+    body = review(workload("DaemonSet", ["api:1"], name="api", namespace="shop"))
+    body["request"]["kind"] = {"group": group, "version": "v1", "kind": kind}
+    body["request"]["object"]["kind"] = kind
+    result = decision.decide(admission.parse_review(body), KINDS_POLICY, None, Records({}))
+    if message is None:
+        assert (result.allowed, result.skipped) == (True, f"{group}/{kind} is not a workload kind")
+    else:
+        assert (result.allowed, result.message) == (False, message)

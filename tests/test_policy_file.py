@@ -48,6 +48,17 @@ BAD = {
                                          "      sha256: " + "a" * 64 + "\n      environments: [prod]\n",
                                          "api.tokens[0] (bot).environments: no environment named 'prod'"),
     "inline key garbage": (HEAD + "keys:\n  ci: {publicKey: hello}\n", "keys.ci: keys.ci.publicKey: not a PEM public key"),
+    "workload kind already built in": (HEAD + "workloadKinds:\n  - {apiGroup: apps, kind: Deployment, resource: deployments, "
+                                       "podSpecPath: spec.template.spec}\n",
+                                       "workloadKinds[0]: apps/Deployment is a built-in workload kind"),
+    "workload kind twice": (HEAD + "workloadKinds:\n" + "  - {apiGroup: argoproj.io, kind: Rollout, resource: rollouts, "
+                            "podSpecPath: spec.template.spec}\n" * 2, "workloadKinds[1]: argoproj.io/Rollout is listed twice"),
+    "workload kind path with an index": (HEAD + "workloadKinds:\n  - {apiGroup: x.io, kind: Thing, resource: things, "
+                                         "podSpecPath: 'spec.templates[0].spec'}\n",
+                                         "workloadKinds[0].podSpecPath: 'spec.templates[0].spec' is not a dotted path of "
+                                         "field names to the Pod spec, such as spec.template.spec"),
+    "workload kind without a resource": (HEAD + "workloadKinds:\n  - {apiGroup: x.io, kind: Thing, podSpecPath: spec}\n",
+                                         "workloadKinds[0]: 'resource' is a required property"),
 }
 
 

@@ -33,6 +33,7 @@ from webhook.core.policy import (
     Unmapped,
     default_policy,
 )
+from webhook.core.workloads import BUILT_IN_KINDS, WorkloadKind
 
 __all__ = ["Policy", "PolicyError", "default_policy", "load", "parse"]
 
@@ -153,6 +154,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
             )
         exemptions.append(ImageExemption(ref.repository, item.get("digest"), item.get("reason", "")))
 
+    kinds = _workload_kinds(document.get("workloadKinds") or [], source)
     break_glass = document.get("breakGlass") or {}
     store = document.get("store") or {}
     audit = document.get("audit") or {}
@@ -189,8 +191,24 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         audit_to_store=audit.get("store", True),
         api_open_reads=api.get("openReads", False),
         api_tokens=api_tokens,
+        workload_kinds=(*BUILT_IN_KINDS, *kinds),
         digest=hashlib.sha256(canonical).hexdigest(),
     )
+
+
+def _workload_kinds(entries: list[dict[str, str]], source: str) -> tuple[WorkloadKind, ...]:
+    kinds: list[WorkloadKind] = []
+    for index, entry in enumerate(entries):
+        kind = WorkloadKind(entry["apiGroup"], entry["kind"], entry["resource"], tuple(entry["podSpecPath"].split(".")))
+        where = f"{source}: workloadKinds[{index}]"
+        if any(k.group == kind.group and k.kind == kind.kind for k in BUILT_IN_KINDS):
+            raise PolicyError(f"{where}: {kind.group_kind} is a built-in workload kind")
+        if any(k.group == kind.group and k.kind == kind.kind for k in kinds):
+            raise PolicyError(f"{where}: {kind.group_kind} is listed twice")
+        if any(k.group == kind.group and k.resource == kind.resource for k in (*BUILT_IN_KINDS, *kinds)):
+            raise PolicyError(f"{where}: resource {kind.resource!r} of group {kind.group!r} is already listed")
+        kinds.append(kind)
+    return tuple(kinds)
 
 
 def _load_tokens_file(path: Path, source: str) -> list[dict[str, Any]]:

@@ -83,11 +83,11 @@ def decide(
         return _allowed(f"{request.operation} is never blocked")
     if request.object is None:  # a DELETE or CONNECT; the review refuses CREATE and UPDATE without one
         return _allowed("no object")
-    if not workloads.supports(request.kind):
-        return _allowed(f"{request.kind} is not a workload kind")
-    workload = workloads.extract(
-        request.object, kind=request.kind, namespace=request.namespace, name=request.name
-    )
+    kind = policy.workload_kind(request.group, request.kind)
+    if kind is None:
+        group_kind = f"{request.group}/{request.kind}" if request.group else request.kind
+        return _allowed(f"{group_kind} is not a workload kind")
+    workload = workloads.extract(request.object, kind, namespace=request.namespace, name=request.name)
     subject = workload.display_name
     mode = policy.mode_for(environment)
     if request.namespace in policy.exempt_namespaces:
@@ -99,9 +99,7 @@ def decide(
     candidates = workload.images
     old = None
     if request.operation == "UPDATE" and request.old_object is not None:
-        old = workloads.extract(
-            request.old_object, kind=request.kind, namespace=request.namespace, name=request.name
-        )
+        old = workloads.extract(request.old_object, kind, namespace=request.namespace, name=request.name)
         if old.deleting or workload.deleting:
             return _allowed("object is being deleted", subject=subject)
     # Adding, changing or moving the break-glass annotation, in any place it can live, is judged in

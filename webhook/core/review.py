@@ -29,6 +29,7 @@ class UserInfo:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdmissionRequest:
     uid: str
+    group: str  # the API group of request.kind ("" for the core group)
     kind: str
     namespace: str
     name: str
@@ -79,6 +80,7 @@ def parse_review(body: Any) -> AdmissionRequest:
         raise MalformedReview(f"request.object is required for {operation}")
     return AdmissionRequest(
         uid=uid,
+        group=_read.text(gvk.get("group"), "request.kind.group"),
         kind=kind_name,
         namespace=_read.text(request.get("namespace"), "request.namespace"),
         name=_read.text(request.get("name"), "request.name"),
