@@ -141,8 +141,7 @@ def test_break_glass_by_a_permitted_user_lets_the_controllers_create_the_pods(
     by_kind = {e["kind"]: e for e in events}
     assert by_kind["Deployment"]["user"] == kit.ONCALL
     assert by_kind["Deployment"]["breakGlass"] == "INC-42 checkout outage"
-    assert by_kind["ReplicaSet"]["user"] in ("system:serviceaccount:kube-system:deployment-controller",
-                                             "system:kube-controller-manager")
+    assert "ReplicaSet" not in by_kind  # made by the deployment controller for its owner: not judged again
     assert by_kind["Pod"]["user"] in ("system:serviceaccount:kube-system:replicaset-controller",
                                       "system:kube-controller-manager")
     assert all(e["allowed"] for e in events)
@@ -163,21 +162,24 @@ def test_a_cronjobs_jobs_and_pods_are_judged(release: Release, kube: kit.Kube,
     release.store.revoke(revoked.reference, "staging", "CVE-2026-0003")
     refused_now(kube, namespace, revoked, "revoked from staging")
 
-    # The CronJob controller creates a Job every minute; the Job controller its Pod.
+    # The CronJob controller creates a Job every minute (not judged again: its CronJob was), the Job
+    # controller its Pod, which is judged: the revoked digest's Pods are refused on the Job.
     def succeeded() -> bool:
         pods = kube.pods(namespace, "cron=report")
         return any(p["status"].get("phase") == "Succeeded" for p in pods)
 
     kit.wait_for("a Job of CronJob report to run to completion", succeeded, timeout=150,
                  describe=lambda: kube.describe_namespace(namespace))
-    needle = f"[not-promoted] Job {namespace}/cleanup-"
-    events = kit.wait_for("the CronJob controller's FailedCreate event for cleanup",
+    needle = f"[not-promoted] Pod {namespace}/cleanup-"
+    events = kit.wait_for("the Job controller's FailedCreate event for cleanup",
                           lambda: [e for e in kube.events(namespace) if needle in e.get("message", "")],
                           timeout=90, describe=lambda: kube.describe_namespace(namespace))
-    assert events[0]["involvedObject"]["kind"] == "CronJob"
+    assert (events[0]["involvedObject"]["kind"], events[0]["reason"]) == ("Job", "FailedCreate")
     assert "revoked from staging" in events[0]["message"]
 
     judged = release.store.audit("--namespace", namespace, "--allowed")
-    kinds_by_user = {(e["kind"], e["user"]) for e in judged if e["name"].startswith("report")}
-    assert ("Job", "system:serviceaccount:kube-system:cronjob-controller") in kinds_by_user, kinds_by_user
-    assert ("Pod", "system:serviceaccount:kube-system:job-controller") in kinds_by_user, kinds_by_user
+    by_kind = {e["kind"]: e for e in judged if e["name"].startswith("report") and e["operation"] == "CREATE"}
+    assert by_kind["Job"]["user"] == "system:serviceaccount:kube-system:cronjob-controller"
+    assert by_kind["Job"]["skipped"].startswith("Job created by system:serviceaccount:kube-system:cronjob-controller")
+    assert by_kind["Pod"]["user"] == "system:serviceaccount:kube-system:job-controller"
+    assert not by_kind["Pod"]["skipped"]
