@@ -147,6 +147,10 @@ MALFORMED = {
                            400, "malformed AdmissionReview: request.object: spec.containers[0].image must be a string"),
     "object not an object": (json.dumps(review(None, kind="Pod")).replace('"object": null', '"object": "x"').encode(),
                              400, "malformed AdmissionReview: request.object must be an object or null"),
+    "create without an object": (json.dumps(review(None, kind="Pod")).encode(), 400,
+                                 "malformed AdmissionReview: request.object is required for CREATE"),
+    "update without an object": (json.dumps(review(None, old=workload("Pod", ["a:1"]), operation="UPDATE")).encode(),
+                                 400, "malformed AdmissionReview: request.object is required for UPDATE"),
     "deeply nested": (b"[" * 100000 + b"]" * 100000, 400, "body is not valid JSON"),
     "invalid utf-8": (b'{"apiVersion": "\xff"}', 400, "body is not valid JSON"),
 }

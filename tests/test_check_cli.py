@@ -57,12 +57,15 @@ def test_directories_lists_stdin_and_json_output(tmp_path: Path) -> None:
 
 UNREADABLE = {
     "missing file": (None, "error: {path}: cannot read: No such file or directory"),
-    "broken YAML": ("kind: Pod\nspec: [\n", "error: {path}: not valid YAML (line 3): did not find expected node content"),
+    "broken YAML": ("apiVersion: v1\nkind: Pod\nspec: [\n",
+                    "error: {path} document 1: not valid YAML (line 3): expected the node content, but found '<stream end>'"),
     "broken JSON": ('{"kind": "Pod",', "error: {path} document 1: not valid JSON: Expecting property name enclosed in double quotes (line 1)"),
-    "scalar document": ("just a string\n", "error: {path} document 1: expected a Kubernetes object (a mapping)"),
-    "wrong shape": ("kind: Pod\nmetadata: {name: p}\nspec: {containers: oops}\n",
+    "wrong shape": ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: oops}\n",
                     "error: {path} document 1: spec.containers must be a list"),
-    "binary": (b"\xff\xfe\x00", "error: {path}: not UTF-8 text"),
+    "binary": (b"\x80\x81\x00", "error: {path}: not UTF-8 text (nor UTF-16 or UTF-32 with a byte-order mark)"),
+    "truncated UTF-16": (b"\xff\xfek\x00i\x00n", "error: {path}: not UTF-16-LE text after its byte-order mark"),
+    "duplicate key": ("apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers: []\n  containers: []\n",
+                      'error: {path} document 1: duplicate key "containers" (line 6); kubectl refuses duplicate fields'),
 }
 
 
@@ -80,7 +83,7 @@ def test_unreadable_input_exits_2_naming_file_and_document(tmp_path: Path, conte
 
 
 def test_yaml_alias_bomb_is_harmless(tmp_path: Path) -> None:
-    lines = ["kind: Pod", "metadata: {name: bomb}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines = ["apiVersion: v1", "kind: Pod", "metadata: {name: bomb}", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
     lines.append("spec: {containers: [{name: c, image: *a0}]}")
     path = tmp_path / "bomb.yaml"
@@ -136,3 +139,101 @@ def test_bad_invocations_exit_2_without_a_traceback(tmp_path: Path, args: list[s
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert message in " ".join(result.stderr.split())
+
+
+# What kubectl reads, check reads: real-world shapes that a stricter YAML reader refused.
+TAGGED_POD = 'apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: shop}\nspec: {containers: [{name: c, image: "api:1"}]}\n'
+POD_LINE = ('[mutable-tag] Pod shop/p spec.containers[0] "c": image "api:1" is a mutable tag; deploy by digest: '
+            "api@sha256:<digest>")
+KUBECTL_READS = {
+    "a redefined anchor": ("x-a: &tag a\nx-b: &tag b\n" + TAGGED_POD, "utf-8"),
+    "a bare = scalar": ("x-op: =\n" + TAGGED_POD, "utf-8"),
+    "a timestamp and an unknown tag": ("x-when: 2026-11-28T10:00:00Z\nx-ref: !Ref thing\n" + TAGGED_POD, "utf-8"),
+    "UTF-16 with a byte-order mark": (TAGGED_POD, "utf-16"),
+    "UTF-8 with a byte-order mark": (TAGGED_POD, "utf-8-sig"),
+    "a document marker with a comment": ("--- # the pod\n" + TAGGED_POD, "utf-8"),
+}
+
+
+@pytest.mark.parametrize(("text", "encoding"), KUBECTL_READS.values(), ids=KUBECTL_READS.keys())
+def test_what_kubectl_reads_is_judged(tmp_path: Path, text: str, encoding: str) -> None:
+    path = tmp_path / "pod.yaml"
+    path.write_bytes(text.encode(encoding))
+    result = cli("check", str(path))
+    assert (result.returncode, result.stdout) == (1, f"{POD_LINE}  ({path} document 1)\n"), result.stderr
+
+
+def test_a_json_file_with_several_objects_is_a_stream(tmp_path: Path) -> None:
+    path = tmp_path / "objects.json"
+    path.write_text(json.dumps(workload("Pod", ["a:1"], name="one")) + "\n" + json.dumps(workload("Pod", ["b:1"],
+                                                                                                   name="two")))
+    report = json.loads(cli("check", str(path), "--output", "json").stdout)
+    assert [(f["where"], f["object"]) for f in report["findings"]] == [
+        (f"{path} document 1", "Pod team-a/one"), (f"{path} document 2", "Pod team-a/two")]
+
+
+def test_one_broken_document_does_not_hide_the_next(tmp_path: Path) -> None:
+    path = tmp_path / "three.yaml"
+    path.write_text(f"{TAGGED_POD}---\napiVersion: v1\nkind: Pod\nspec: [\n---\n{TAGGED_POD}")
+    result = cli("check", str(path))
+    assert result.returncode == 2
+    assert result.stdout == f"{POD_LINE}  ({path} document 1)\n{POD_LINE}  ({path} document 3)\n"
+    assert result.stderr == (f"error: {path} document 2: not valid YAML (line 8): expected the node content, but "
+                             "found '<stream end>'\n")
+
+
+def test_templates_and_patches_are_named_and_skipped_not_errors(tmp_path: Path) -> None:
+    (tmp_path / "chart" / "templates").mkdir(parents=True)
+    template = tmp_path / "chart" / "templates" / "deployment.yaml"
+    template.write_text("{{- if .Values.enabled }}\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n"
+                        "  name: {{ include \"app.fullname\" . }}\n{{- end }}\n")
+    quoted = tmp_path / "chart" / "templates" / "pod.yaml"
+    quoted.write_text('apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, image: '
+                      '"{{ .Values.image }}"}]}\n')
+    patch = tmp_path / "chart" / "patch.json"
+    patch.write_text('[{"op": "replace", "path": "/spec/replicas", "value": 3}]')
+    argo = tmp_path / "chart" / "workflow.yaml"  # a Go template in a plain string is not Helm's
+    argo.write_text(f"apiVersion: v1\nkind: Pod\nmetadata: {{name: w, annotations: {{x: '{{{{inputs.parameters.a}}}}'}}}}\n"
+                    f"spec: {{containers: [{{name: c, image: 'api@{DIGEST}'}}]}}\n")
+    result = cli("check", str(tmp_path / "chart"))
+    assert result.returncode == 0
+    assert result.stderr == (
+        f"note: {patch} document 1: not a Kubernetes object (a list, such as a JSON patch), skipped\n"
+        f"note: {template} document 1: a Helm template, not a manifest: render it first (helm template …), skipped\n"
+        f"note: {quoted} document 1: a Helm template, not a manifest: render it first (helm template …), skipped\n"
+        "1 workload(s) checked, 0 would be denied\n")
+
+
+GROUPS = {
+    "apps DaemonSet": ("apps/v1", "DaemonSet", 1),
+    "OpenKruise DaemonSet": ("apps.kruise.io/v1alpha1", "DaemonSet", 0),
+    "a CRD named Deployment": ("example.com/v1", "Deployment", 0),
+    "batch CronJob": ("batch/v1", "CronJob", 1),
+}
+
+
+@pytest.mark.parametrize(("api_version", "kind", "judged"), GROUPS.values(), ids=GROUPS.keys())
+def test_kinds_are_matched_by_group_and_kind(tmp_path: Path, api_version: str, kind: str, judged: int) -> None:
+    document = workload("DaemonSet" if kind == "DaemonSet" else kind if kind == "CronJob" else "Deployment",
+                        ["api:1"])
+    document["apiVersion"], document["kind"] = api_version, kind
+    path = write(tmp_path, "x.yaml", document)
+    report = json.loads(cli("check", str(path), "--output", "json").stdout)
+    assert (report["checked"], report["denied"]) == (judged, judged)
+
+
+def test_the_policy_names_more_workload_kinds(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("apiVersion: promotion-gate.io/v1\nkind: Policy\nworkloadKinds:\n"
+                      "  - {apiGroup: argoproj.io, kind: Rollout, resource: rollouts, podSpecPath: spec.template.spec}\n"
+                      "  - {apiGroup: apps.openshift.io, kind: DeploymentConfig, resource: deploymentconfigs,\n"
+                      "     podSpecPath: spec.template.spec}\n")
+    rollout = workload("Deployment", ["ghcr.io/acme/api:1.4"], name="api", namespace="shop")
+    rollout["apiVersion"], rollout["kind"] = "argoproj.io/v1alpha1", "Rollout"
+    path = write(tmp_path, "rollout.yaml", rollout)
+    result = cli("check", str(path), "--policy", str(policy))
+    assert result.returncode == 1
+    assert result.stdout == (f'[mutable-tag] Rollout shop/api spec.template.spec.containers[0] "c0": image '
+                             f'"ghcr.io/acme/api:1.4" is a mutable tag; deploy by digest: ghcr.io/acme/api@sha256:<digest>'
+                             f"  ({path} document 1)\n")
+    assert cli("check", str(path)).returncode == 0  # without the policy, a Rollout carries no known Pod spec

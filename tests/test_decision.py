@@ -96,11 +96,16 @@ def test_labels_mean_nothing_to_a_policy_without_environments() -> None:
     assert result.allowed is True
 
 
-def test_revocation_is_named_in_the_denial() -> None:
-    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(Promotion.NOT_PROMOTED, promoted_to=("ci",),
-                                                                   detail="revoked")})
+@pytest.mark.parametrize(("revoked_from", "promoted"), [
+    ("staging", "ci; revoked from staging"),
+    ("ci", "none; revoked from ci"),  # an upstream revocation took this environment's promotion away
+])
+def test_revocation_is_named_in_the_denial(revoked_from: str, promoted: str) -> None:
+    promoted_to = ("ci",) if revoked_from == "staging" else ()
+    result = verdict(IMAGE, "staging", {"staging": PromotionStatus(
+        Promotion.NOT_PROMOTED, promoted_to=promoted_to, detail="revoked", revoked_from=revoked_from)})
     assert result.message == (f'[not-promoted] Pod shop/p spec.containers[0] "c0": {IMAGE} has no promotion record '
-                               f'for environment "staging" (promoted to: ci; revoked from staging). Promote it: '
+                               f'for environment "staging" (promoted to: {promoted}). Promote it: '
                                f"promotion-gate promote {IMAGE} --to staging")
 
 
@@ -125,3 +130,62 @@ def test_a_decision_log_that_cannot_be_written_never_causes_a_500(on_failure: st
     reply = client.post("/validate", json=review(workload("Pod", [IMAGE], name="p", namespace="shop")))
     assert reply.status_code == 200
     assert reply.json["response"]["allowed"] is allowed  # type: ignore[index]
+
+
+KINDS_POLICY = policy.parse({
+    "apiVersion": "promotion-gate.io/v1", "kind": "Policy", "namespaces": {"unmapped": "digest-only"},
+    "workloadKinds": [{"apiGroup": "argoproj.io", "kind": "Rollout", "resource": "rollouts",
+                       "podSpecPath": "spec.template.spec"}],
+}, base_dir=Path("."))
+
+
+@pytest.mark.parametrize(("group", "kind", "message"), [
+    ("argoproj.io", "Rollout", '[mutable-tag] Rollout shop/api spec.template.spec.containers[0] "c0": image "api:1" '
+                               "is a mutable tag; deploy by digest: api@sha256:<digest>"),
+    ("apps", "DaemonSet", '[mutable-tag] DaemonSet shop/api spec.template.spec.containers[0] "c0": image "api:1" '
+                          "is a mutable tag; deploy by digest: api@sha256:<digest>"),
+    ("apps.kruise.io", "DaemonSet", None),  # same kind name, another group: not a workload of the policy
+])
+def test_admission_matches_kinds_by_group_and_kind(group: str, kind: str, message: str | None) -> None:
+    body = review(workload("DaemonSet", ["api:1"], name="api", namespace="shop"))
+    body["request"]["kind"] = {"group": group, "version": "v1", "kind": kind}
+    body["request"]["object"]["kind"] = kind
+    result = decision.decide(admission.parse_review(body), KINDS_POLICY, None, Records({}))
+    if message is None:
+        assert (result.allowed, result.skipped) == (True, f"{group}/{kind} is not a workload kind")
+    else:
+        assert (result.allowed, result.message) == (False, message)
+
+
+DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"
+
+
+def _replica_set(owned: bool) -> dict:  # type: ignore[type-arg]
+    obj = workload("ReplicaSet", [IMAGE], name="api-7d9", namespace="shop")
+    if owned:
+        obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "api",
+                                               "uid": "u", "controller": True}]
+    return obj
+
+
+@pytest.mark.parametrize(("owned", "user", "judged"), [
+    (True, DEPLOYMENT_CONTROLLER, False),  # the Deployment was judged; the Pods will be
+    (True, "mallory@example.com", True),  # an ownerReference is anyone's to write
+    (False, DEPLOYMENT_CONTROLLER, True),
+])
+def test_an_object_a_trusted_controller_makes_for_its_owner_is_not_judged_again(owned: bool, user: str,
+                                                                                 judged: bool) -> None:
+    revoked = {"staging": PromotionStatus(Promotion.NOT_PROMOTED, detail="revoked", revoked_from="staging")}
+    request = admission.parse_review(review(_replica_set(owned), user=user))
+    result = decision.decide(request, POLICY, "staging", Records(revoked))
+    assert result.allowed is not judged
+    if not judged:
+        assert result.skipped == (f"ReplicaSet created by {DEPLOYMENT_CONTROLLER} for the workload that owns it; "
+                                  "its Pods are judged")
+    pod = workload("Pod", [IMAGE], name="api-7d9-x", namespace="shop")
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-7d9",
+                                           "uid": "u", "controller": True}]
+    its_pod = decision.decide(admission.parse_review(review(pod, user="system:serviceaccount:kube-system:"
+                                                                       "replicaset-controller")),
+                              POLICY, "staging", Records(revoked))
+    assert its_pod.allowed is False  # the Pods are always judged

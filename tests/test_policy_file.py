@@ -21,7 +21,9 @@ BAD = {
     "bad environment mode": (HEAD + "environments:\n  - name: ci\n    mode: loud\n",
                              "environments[0].mode: 'loud' is not one of ['enforce', 'warn', 'audit']"),
     "environment name not a DNS label": (HEAD + "environments:\n  - name: Prod\n",
-                                         "environments[0].name: 'Prod' does not match '^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'"),
+                                         "environments[0].name: 'Prod' is not a DNS label: lowercase letters, digits and '-', at most 63 characters"),
+    "environment name with a trailing newline": (HEAD + "environments:\n  - name: \"ci\\n\"\n",
+                                                 "environments[0].name: 'ci\\n' is not a DNS label: lowercase letters, digits and '-', at most 63 characters"),
     "duplicate environment": (HEAD + "environments:\n  - name: ci\n  - name: ci\n",
                               "environments[1].name: duplicate environment 'ci'"),
     "unknown trusted key": (HEAD + "environments:\n  - name: ci\n    trustedKeys: [nobody]\n",
@@ -32,7 +34,9 @@ BAD = {
     "exempt image with a tag": (HEAD + "exemptImages:\n  - repository: registry.k8s.io/pause:3.9\n",
                                 "exemptImages[0].repository: give the repository without tag or digest (put a digest under 'digest')"),
     "exempt image digest malformed": (HEAD + "exemptImages:\n  - repository: a\n    digest: sha256:abc\n",
-                                      "exemptImages[0].digest: 'sha256:abc' does not match '^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$'"),
+                                      "exemptImages[0].digest: 'sha256:abc' is not a digest: sha256:<64 lowercase hex> or sha512:<128 lowercase hex>"),
+    "token hash with a trailing newline": (HEAD + "api:\n  tokens:\n    - identity: bot\n      sha256: \"" + "a" * 64 + "\\n\"\n",
+                                           "api.tokens[0].sha256: '" + "a" * 64 + "\\n' is not the token's SHA-256: 64 lowercase hex characters"),
     "wrong kind": ("apiVersion: promotion-gate.io/v1\nkind: Polcy\n", "kind: 'Policy' was expected"),
     "missing apiVersion": ("kind: Policy\n", "(top level): 'apiVersion' is a required property"),
     "not a mapping": ("- a\n- b\n", "the policy must be a YAML mapping with apiVersion and kind"),
@@ -50,6 +54,17 @@ BAD = {
                              "audit.checkpointSeconds: 86401 is greater than the maximum of 86400"),
     "unknown checkpoint key": (HEAD + "audit:\n  checkpointKeys: [server]\n",
                                "audit.checkpointKeys: no key named 'server' under keys"),
+    "workload kind already built in": (HEAD + "workloadKinds:\n  - {apiGroup: apps, kind: Deployment, resource: deployments, "
+                                       "podSpecPath: spec.template.spec}\n",
+                                       "workloadKinds[0]: apps/Deployment is a built-in workload kind"),
+    "workload kind twice": (HEAD + "workloadKinds:\n" + "  - {apiGroup: argoproj.io, kind: Rollout, resource: rollouts, "
+                            "podSpecPath: spec.template.spec}\n" * 2, "workloadKinds[1]: argoproj.io/Rollout is listed twice"),
+    "workload kind path with an index": (HEAD + "workloadKinds:\n  - {apiGroup: x.io, kind: Thing, resource: things, "
+                                         "podSpecPath: 'spec.templates[0].spec'}\n",
+                                         "workloadKinds[0].podSpecPath: 'spec.templates[0].spec' is not a dotted path of "
+                                         "field names to the Pod spec, such as spec.template.spec"),
+    "workload kind without a resource": (HEAD + "workloadKinds:\n  - {apiGroup: x.io, kind: Thing, podSpecPath: spec}\n",
+                                         "workloadKinds[0]: 'resource' is a required property"),
 }
 
 

@@ -115,6 +115,10 @@ MALFORMED = {
         "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
         "subject": [{"name": "ghcr.io/acme/api", "digest": {"sha256": "A" * 64}}], "predicate": {}}).encode()
     ).decode())), 400, "malformed envelope: subject[0].digest must be sha256 (64 lowercase hex) or sha512 (128)"),
+    "digest with a trailing newline": (lambda k: tamper(k, lambda b: b.update(payload=base64.b64encode(json.dumps({
+        "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
+        "subject": [{"name": "ghcr.io/acme/api", "digest": {"sha256": "a" * 64 + "\n"}}], "predicate": {}}).encode()
+    ).decode())), 400, "malformed envelope: subject[0].digest must be sha256 (64 lowercase hex) or sha512 (128)"),
 }
 
 

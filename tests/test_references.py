@@ -102,6 +102,7 @@ def test_is_digest_accepts_registered_digests(text: str) -> None:
     assert references.is_digest(text)
 
 
-@pytest.mark.parametrize("text", [f"sha256:{H64.upper()}", "sha256:abc", f"sha1:{H64}", f"{H64}", ""])
+@pytest.mark.parametrize("text", [f"sha256:{H64.upper()}", "sha256:abc", f"sha1:{H64}", f"{H64}", "",
+                                  f"sha256:{H64}\n", f"\nsha256:{H64}", f"sha512:{H128}\n"])
 def test_is_digest_rejects_everything_else(text: str) -> None:
     assert not references.is_digest(text)

@@ -115,3 +115,34 @@ def test_acknowledged_record_survives_a_crash(server_factory, kit: Kit, tmp_path
     restarted = server_factory(policy=kit.policy_path.read_text(), store=url)
     history = cli("history", REPOSITORY, "--output", "json", *remote(restarted, kit, "reader"))
     assert [r["environment"] for r in json.loads(history.stdout)] == ["ci"]
+
+
+def test_a_revocation_upstream_is_not_undone_by_a_lower_trust_key(gate: RunningServer, kit: Kit) -> None:
+    """The red-team case: revoke staging, re-promote it with the CI key alone, try production again."""
+    ci_evidence = ["--git-commit", "c", "--ci-run", "1", "--tests-passed", "1", "--tests-failed", "0",
+                   "--scan-critical", "0", "--scan-high", "0"]
+    steps = [
+        ("record", IMAGE, "--env", "ci", *ci_evidence, "--key", str(kit.key("ci")), *remote(gate, kit, "ci-bot")),
+        ("promote", IMAGE, "--to", "staging", "--key", str(kit.key("ci")), *remote(gate, kit, "ci-bot")),
+        ("promote", IMAGE, "--to", "production", "--key", str(kit.key("release")), "--key",
+         str(kit.key("approver-a")), *remote(gate, kit, "release-bot")),
+    ]
+    for step in steps:
+        assert cli(*step).returncode == 0
+    assert admit(gate, "payments-prod")["allowed"] is True
+    revoked = cli("revoke", IMAGE, "--env", "staging", "--reason", "CVE-2026-0002", "--key", str(kit.key("ci")),
+                  *remote(gate, kit, "ci-bot"))
+    assert revoked.returncode == 0, revoked.stderr
+    again = cli("promote", IMAGE, "--to", "staging", "--key", str(kit.key("ci")), "--reason", "rebuilt",
+                *remote(gate, kit, "ci-bot"))
+    assert again.returncode == 0, again.stderr
+    assert admit(gate, "payments-staging")["allowed"] is True
+    denied = admit(gate, "payments-prod")
+    assert denied["allowed"] is False
+    assert denied["status"]["message"] == (
+        f'[not-promoted] Pod payments-prod/api-7d9 spec.containers[0] "c0": {IMAGE} has no promotion record for '
+        f'environment "production" (promoted to: ci, staging; revoked from staging). Promote it: '
+        f"promotion-gate promote {IMAGE} --to production")
+    # Production's own two signatures, given again, admit it again.
+    assert cli(*steps[2]).returncode == 0
+    assert admit(gate, "payments-prod")["allowed"] is True

@@ -179,8 +179,8 @@ def test_revoking_staging_breaks_the_chain_to_production(store: SqlStore, kit: K
     add(store, kit, production(), "release", "approver-a")
     add(store, kit, records.Record(kind=RecordKind.REVOCATION, repository=REPOSITORY, digest=DIGEST, environment="staging", at="t", by="sec", reason="r"), "ci")
     evaluated = promotion_rules.evaluate(rules(kit), store.records_for_digest(DIGEST), REPOSITORY, DIGEST)
-    assert evaluated["production"].state is Promotion.UNTRUSTED
-    assert evaluated["production"].detail == 'chain broken: no valid record in "staging" for this digest'
+    assert evaluated["production"].state is Promotion.NOT_PROMOTED
+    assert evaluated["production"].revoked_from == "staging"
 
 
 def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> None:

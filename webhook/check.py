@@ -16,6 +16,7 @@ class CheckReport:
     findings: list[tuple[str, Finding]] = field(default_factory=list)  # (document location, finding)
     warnings: list[tuple[str, str]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # documents read but not manifests (templates, patches)
     checked: int = 0  # workloads judged
     denied: int = 0
 
@@ -33,12 +34,18 @@ def run(paths: list[str], policy: Policy, environment: str | None, records: Reco
         policy = replace(policy, unmapped=Unmapped.DIGEST_ONLY)
     for path in manifests.expand(paths):
         try:
-            for doc in manifests.documents(path):
-                kind = doc.body.get("kind")
-                if not isinstance(kind, str) or not workloads.supports(kind):
+            for doc in manifests.read(path):
+                if isinstance(doc, manifests.Unreadable):
+                    report.errors.append(str(doc))
+                    continue
+                if isinstance(doc, manifests.NotAManifest):
+                    report.skipped.append(str(doc))
+                    continue
+                kind = _kind_of(doc.body, policy)
+                if kind is None:
                     continue
                 try:
-                    workload = workloads.extract(doc.body)
+                    workload = workloads.extract(doc.body, kind)
                 except workloads.WorkloadShapeError as exc:
                     report.errors.append(f"{doc.where}: {exc}")
                     continue
@@ -57,3 +64,11 @@ def run(paths: list[str], policy: Policy, environment: str | None, records: Reco
         except manifests.ManifestError as exc:
             report.errors.append(str(exc))
     return report
+
+
+def _kind_of(body: dict[str, object], policy: Policy) -> workloads.WorkloadKind | None:
+    """The workload kind of a manifest, by its apiVersion's group and its kind, as admission matches it."""
+    group, kind = workloads.group_of(body.get("apiVersion")), body.get("kind")
+    if group is None or not isinstance(kind, str):
+        return None
+    return policy.workload_kind(group, kind)

@@ -15,7 +15,7 @@ from webhook.core import promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
 from webhook.core.promotion import PromotionStatus, StoredRecord
-from webhook.core.records import RecordKind, SignedRecord, open_envelope, unpaired_surrogate
+from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id, unpaired_surrogate
 from webhook.store.errors import DuplicateRecord
 from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditPage, AuditQuery, SqlStore
 
@@ -142,7 +142,9 @@ class Ledger:
     def trace(self, digest: str, *, max_event_chars: int | None = MAX_EVENT_READ_CHARS) -> Trace:
         """Records, states and the admissions that named the digest (at most MAX_ADMISSIONS of them and
         MAX_ADMISSION_CHARS of event text: ``admissions.next`` says where the rest continues)."""
-        stored = self.store.records_for_digest(digest)
+        # Only what the rules count: a row whose id is not its content address, or a second copy of a
+        # payload, is not part of anyone's chain of custody.
+        stored = promotion_rules.authentic(self.store.records_for_digest(digest))
         states = {repository: promotion_rules.evaluate(self.policy, stored, repository, digest)
                   for repository in sorted({s.record.repository for s in stored})}
         admissions = self.store.audit_page(AuditQuery(digest=digest), limit=MAX_ADMISSIONS,
@@ -151,5 +153,6 @@ class Ledger:
 
     def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
              limit: int = 100, after: int = 0) -> list[StoredRecord]:
-        return self.store.find_records(repository=repository, digest=digest, environment=environment, limit=limit,
-                                       after=after)
+        found = self.store.find_records(repository=repository, digest=digest, environment=environment, limit=limit,
+                                        after=after)
+        return [s for s in found if s.id == record_id(s.envelope)]

@@ -33,6 +33,7 @@ from webhook.core.policy import (
     Unmapped,
     default_policy,
 )
+from webhook.core.workloads import BUILT_IN_KINDS, WorkloadKind
 
 __all__ = ["Policy", "PolicyError", "default_policy", "load", "parse"]
 
@@ -65,6 +66,9 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"unknown key {names}"
     if error.validator == "required":
         return f"{where}: {error.message}"
+    if error.validator == "pattern" and isinstance(error.schema, Mapping) and error.schema.get("description"):
+        # The pattern itself is for machines; the description says what the value must be.
+        return f"{where}: {error.instance!r} is not {error.schema['description']}"
     if error.validator == "oneOf" and isinstance(error.instance, Mapping):
         return f"{where}: give exactly one of publicKeyFile or publicKey"
     return f"{where}: {error.message}"
@@ -150,6 +154,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
             )
         exemptions.append(ImageExemption(ref.repository, item.get("digest"), item.get("reason", "")))
 
+    kinds = _workload_kinds(document.get("workloadKinds") or [], source)
     break_glass = document.get("breakGlass") or {}
     store = document.get("store") or {}
     audit = document.get("audit") or {}
@@ -193,8 +198,24 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         audit_to_store=audit.get("store", True),
         api_open_reads=api.get("openReads", False),
         api_tokens=api_tokens,
+        workload_kinds=(*BUILT_IN_KINDS, *kinds),
         digest=hashlib.sha256(canonical).hexdigest(),
     )
+
+
+def _workload_kinds(entries: list[dict[str, str]], source: str) -> tuple[WorkloadKind, ...]:
+    kinds: list[WorkloadKind] = []
+    for index, entry in enumerate(entries):
+        kind = WorkloadKind(entry["apiGroup"], entry["kind"], entry["resource"], tuple(entry["podSpecPath"].split(".")))
+        where = f"{source}: workloadKinds[{index}]"
+        if any(k.group == kind.group and k.kind == kind.kind for k in BUILT_IN_KINDS):
+            raise PolicyError(f"{where}: {kind.group_kind} is a built-in workload kind")
+        if any(k.group == kind.group and k.kind == kind.kind for k in kinds):
+            raise PolicyError(f"{where}: {kind.group_kind} is listed twice")
+        if any(k.group == kind.group and k.resource == kind.resource for k in (*BUILT_IN_KINDS, *kinds)):
+            raise PolicyError(f"{where}: resource {kind.resource!r} of group {kind.group!r} is already listed")
+        kinds.append(kind)
+    return tuple(kinds)
 
 
 def _load_tokens_file(path: Path, source: str) -> list[dict[str, Any]]:

@@ -28,7 +28,7 @@ def status_json(repository: str, digest: str, states: Mapping[str, PromotionStat
     """``GET /status`` and ``check``: the promotion state of one pinned image in every environment."""
     return {"repository": repository, "digest": digest, "states": {
         env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
-              "detail": s.detail} for env, s in states.items()}}
+              "detail": s.detail, "revokedFrom": s.revoked_from} for env, s in states.items()}}
 
 
 def omitted_event(hit: AuditHit, limit: int, hint: str) -> dict[str, Any]:
@@ -60,7 +60,8 @@ def _trace_head(trace: Trace) -> dict[str, Any]:
         "digest": trace.digest,
         "records": [stored_json(s, with_envelope=False) for s in trace.promotions],
         "revocations": [stored_json(s, with_envelope=False) for s in trace.revocations],
-        "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail}
+        "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail,
+                                      "revokedFrom": s.revoked_from}
                                 for env, s in states.items()}
                    for repository, states in trace.states.items()},
     }

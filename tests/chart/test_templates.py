@@ -487,6 +487,16 @@ def test_rules_cover_every_workload_kind_including_ephemeral_containers(default:
         assert rule["scope"] == "Namespaced"
 
 
+def test_rules_follow_the_policys_workload_kinds(tmp_path: Path) -> None:
+    kinds = [{"apiGroup": "argoproj.io", "kind": "Rollout", "resource": "rollouts", "podSpecPath": "spec.template.spec"}]
+    rendered = render({"policy.workloadKinds": kinds})
+    assert rendered.webhook["rules"][-1] == {"apiGroups": ["argoproj.io"], "apiVersions": ["*"],
+                                              "operations": ["CREATE", "UPDATE"], "resources": ["rollouts"],
+                                              "scope": "Namespaced"}
+    # and the server reads the same list from the policy it is given
+    assert _policy(rendered, tmp_path).workload_kind("argoproj.io", "Rollout") is not None
+
+
 def _excluded(rendered: Rendered) -> list[str]:
     expressions = rendered.webhook["namespaceSelector"]["matchExpressions"]
     assert expressions[0]["key"] == "kubernetes.io/metadata.name"

@@ -9,6 +9,7 @@ Break-glass is exercised the way it happens on call: the admin impersonates the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -180,3 +181,35 @@ def test_break_glass_is_honoured_only_for_permitted_people(gate_in_mode: GateInM
                     ("rollback", "bob@example.com", "INC-1 outage", ["mutable-tag", "break-glass"])]
     [bob_decision] = gate_mod.decision_for(solo.server, namespace, "rollback")
     assert "platform-oncall" in bob_decision["groups"]
+
+
+def test_an_annotation_on_the_deployment_does_not_mask_one_added_to_its_pod_template(
+        gate_in_mode: GateInMode, cluster: Cluster, kubectl_apply: Apply) -> None:
+    """The red-team case: break-glass on the Deployment, then an unprivileged edit of its Pod template."""
+    solo = gate_in_mode("enforce")
+    namespace = solo.namespace("e2e-masking", environment="staging")
+    grant_edit(cluster, namespace)
+    image = "ghcr.io/acme/payment-api@sha256:" + "a" * 64
+    pinned = {"api": image}
+    created = kubectl_apply(tagged_deployment("api", namespace, "INC-1 outage", images=pinned),
+                            args=("--as=oncall@example.com",))
+    assert created.returncode == 0, created.stderr
+    template = {"spec": {"template": {"metadata": {"annotations": {BREAK_GLASS: "INC-1 outage"}}}}}
+    patched = cluster.kubectl("patch", "deployment/api", "-n", namespace, "--type=merge", "-p",
+                              json.dumps(template), "--as=mallory@example.com", check=False)
+    assert patched.returncode == 1
+    # Judged in full, as a new exception would be: the unpromoted digest is a finding, and mallory's
+    # annotation does not excuse it.
+    assert patched.stderr == (
+        f'Error from server (Forbidden): admission webhook "{WEBHOOK}" denied the request: [not-promoted] '
+        f'Deployment {namespace}/api spec.template.spec.containers[0] "api": {image} has no promotion record for '
+        f'environment "staging" (promoted to: none). Promote it: promotion-gate promote {image} --to staging\n'
+        f'[break-glass] annotation {BREAK_GLASS} ignored: user "mallory@example.com" is not allowed to break '
+        "glass\n")
+    still = cluster.kubectl("get", "deployment/api", "-n", namespace, "-o",
+                            "jsonpath={.spec.template.metadata.annotations}")
+    assert BREAK_GLASS not in still.stdout
+    # The permitted person may do it.
+    allowed = cluster.kubectl("patch", "deployment/api", "-n", namespace, "--type=merge", "-p",
+                              json.dumps(template), "--as=oncall@example.com", check=False)
+    assert allowed.returncode == 0, allowed.stderr

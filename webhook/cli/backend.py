@@ -245,4 +245,4 @@ class ServerRecordView:
         if state is None:
             return PromotionStatus(Promotion.NOT_PROMOTED)
         return PromotionStatus(Promotion(state["state"]), tuple(state["records"]), tuple(state["promotedTo"]),
-                               state.get("detail", ""))
+                               state.get("detail", ""), state.get("revokedFrom", ""))

@@ -56,12 +56,15 @@ def check(paths: tuple[str, ...], policy_path: Path | None, environment: str | N
                          for w, f in report.findings],
             "warnings": [{"where": w, "line": line} for w, line in report.warnings],
             "errors": report.errors,
+            "skipped": report.skipped,
         }, indent=2, sort_keys=False))
     else:
         for where, finding in report.findings:
             click.echo(f"{finding.line}  ({where})")
         for where, line in report.warnings:
             click.echo(f"warning: {line}  ({where})", err=True)
+        for line in report.skipped:
+            click.echo(f"note: {line}", err=True)
         for line in report.errors:
             click.echo(f"error: {line}", err=True)
         if not report.errors:

@@ -46,7 +46,7 @@ def parse_namespace_scope(value: str) -> tuple[str, ...]:
     for item in items:
         if item == "all":
             raise click.BadParameter('"all" cannot be combined with namespaces', param_hint="--namespace-scope")
-        if not NAMESPACE_PATTERN.match(item):
+        if not NAMESPACE_PATTERN.fullmatch(item):
             raise click.BadParameter(f'"{item}" is not a namespace name or pattern (e.g. payments-prod, payments-*)',
                                      param_hint="--namespace-scope")
     return tuple(items)
@@ -125,7 +125,7 @@ def certificate_settings(manage: bool, namespace: str, secret: str, service: str
         return None
     for hint, value in (("--tls-secret", secret), ("--service", service), ("--webhook-config", webhook_config),
                         ("--namespace", namespace)):
-        if not DNS_NAME.match(value):
+        if not DNS_NAME.fullmatch(value):
             raise click.BadParameter(f'"{value}" is not a Kubernetes object name', param_hint=hint)
     return tls_rotation.CertificateSettings(namespace=namespace, secret_name=secret, service=service,
                                             webhook_config=webhook_config)

@@ -81,13 +81,13 @@ def decide(
     """Judge one admission request. Raises ``WorkloadShapeError`` for objects of the wrong shape."""
     if request.operation in ("DELETE", "CONNECT"):
         return _allowed(f"{request.operation} is never blocked")
-    if request.object is None:
+    if request.object is None:  # a DELETE or CONNECT; the review refuses CREATE and UPDATE without one
         return _allowed("no object")
-    if not workloads.supports(request.kind):
-        return _allowed(f"{request.kind} is not a workload kind")
-    workload = workloads.extract(
-        request.object, kind=request.kind, namespace=request.namespace, name=request.name
-    )
+    kind = policy.workload_kind(request.group, request.kind)
+    if kind is None:
+        group_kind = f"{request.group}/{request.kind}" if request.group else request.kind
+        return _allowed(f"{group_kind} is not a workload kind")
+    workload = workloads.extract(request.object, kind, namespace=request.namespace, name=request.name)
     subject = workload.display_name
     mode = policy.mode_for(environment)
     if request.namespace in policy.exempt_namespaces:
@@ -96,24 +96,31 @@ def decide(
             skipped=f"namespace {request.namespace} is exempt",
         )
 
+    if (kind.kind != "Pod" and workload.controlled and request.user.username in policy.break_glass_controllers
+            and request.operation == "CREATE"):
+        # A Deployment's ReplicaSet, a CronJob's Job: made by a trusted controller for the workload that
+        # owns it, which was judged when it was written. Its Pods are judged when they are created, so a
+        # revoked digest stops them there, with a FailedCreate event on this object that names the reason.
+        return _allowed(f"{kind.kind} created by {request.user.username} for the workload that owns it; its "
+                        "Pods are judged", subject=subject, environment=environment, mode=mode)
+
     candidates = workload.images
-    sets_break_glass = workload.break_glass is not None
+    old = None
     if request.operation == "UPDATE" and request.old_object is not None:
-        old = workloads.extract(
-            request.old_object, kind=request.kind, namespace=request.namespace, name=request.name
-        )
+        old = workloads.extract(request.old_object, kind, namespace=request.namespace, name=request.name)
         if old.deleting or workload.deleting:
             return _allowed("object is being deleted", subject=subject)
+    # Adding, changing or moving the break-glass annotation, in any place it can live, is judged in
+    # full: it is what the workload and the objects its controllers create will be admitted by.
+    # Removing it is not: taking the exception back must always be possible.
+    sets_break_glass = workload.sets_break_glass_over(old)
+    if old is not None and not sets_break_glass:
         # Only images the update introduces are judged: a scale-down, a label change or a finalizer
-        # removal must never be blocked because of what is already running. Adding or changing the
-        # break-glass annotation is judged in full: it is what the workload's Pods will be admitted by.
-        # Removing it is not: taking the exception back must always be possible.
-        sets_break_glass = sets_break_glass and old.break_glass != workload.break_glass
-        if not sets_break_glass:
-            before = {c.image for c in old.images}
-            candidates = tuple(c for c in workload.images if c.image not in before)
-            if not candidates:
-                return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
+        # removal must never be blocked because of what is already running.
+        before = {c.image for c in old.images}
+        candidates = tuple(c for c in workload.images if c.image not in before)
+        if not candidates:
+            return _allowed("update changes no image", subject=subject, environment=environment, mode=mode)
 
     user = request.user
     # Pods and ReplicaSets are created by controllers, not by the person who broke glass: a trusted
@@ -263,4 +270,4 @@ def _judge_image(
     if status.state is Promotion.UNTRUSTED:
         return outcome, words.untrusted_record(subject, container, ref, environment, status.detail), warning
     return (outcome, words.not_promoted(subject, container, ref, environment, status.promoted_to,
-                                        revoked=status.detail == "revoked"), warning)
+                                        status.revoked_from), warning)

@@ -125,11 +125,11 @@ def untrusted_record(subject: str, container: ContainerImage, ref: ImageReferenc
 
 
 def not_promoted(subject: str, container: ContainerImage, ref: ImageReference, environment: str,
-                 promoted_to: tuple[str, ...], revoked: bool) -> Finding:
+                 promoted_to: tuple[str, ...], revoked_from: str) -> Finding:
     digest = ref.digest or ""
     promoted = ", ".join(promoted_to) or "none"
-    if revoked:
-        promoted += f"; revoked from {environment}"
+    if revoked_from:
+        promoted += f"; revoked from {revoked_from}"
     return Finding(Reason.NOT_PROMOTED, subject,
                    f'{ref.pinned_form} has no promotion record for environment "{environment}" (promoted to: '
                    f"{promoted}). Promote it: promotion-gate promote {ref.pinned_form} --to {environment}",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from webhook.core import keys
 from webhook.core.errors import InvalidInput
+from webhook.core.workloads import BUILT_IN_KINDS, WorkloadKind
 
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 # The identities kube-controller-manager creates ReplicaSets, Pods and Jobs with: its own user, or one
@@ -104,7 +105,12 @@ class Policy:
     audit_to_store: bool = True
     api_open_reads: bool = False
     api_tokens: tuple[ApiToken, ...] = ()
+    workload_kinds: tuple[WorkloadKind, ...] = BUILT_IN_KINDS  # the built-in kinds, then the policy's
     digest: str = ""  # sha256 of the policy document, reported in audit events
+
+    def workload_kind(self, group: str, kind: str) -> WorkloadKind | None:
+        """The workload kind of an object, matched by API group AND kind; None: it carries no images."""
+        return next((k for k in self.workload_kinds if k.kind == kind and k.group == group), None)
 
     def environment(self, name: str) -> Environment | None:
         return next((e for e in self.environments if e.name == name), None)

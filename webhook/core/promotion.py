@@ -30,6 +30,7 @@ class PromotionStatus:
     record_ids: tuple[str, ...] = ()
     promoted_to: tuple[str, ...] = ()
     detail: str = ""
+    revoked_from: str = ""  # not promoted because of a revocation in this environment (itself or upstream)
 
 
 NOT_PROMOTED = PromotionStatus(Promotion.NOT_PROMOTED)

@@ -7,8 +7,9 @@ HTTP API, the CLI's local-store mode, the operator and admission all share them.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
-from webhook.core import dsse
+from webhook.core import dsse, records
 from webhook.core.errors import Refused
 from webhook.core.policy import Environment, Policy
 from webhook.core.promotion import Promotion, PromotionStatus, StoredRecord
@@ -44,27 +45,65 @@ def _signature_problem(verified: frozenset[str], environment: Environment) -> st
     return None
 
 
+def authentic(stored: Sequence[StoredRecord]) -> list[StoredRecord]:
+    """The records whose id is their content address, each payload once, in the order they were stored.
+
+    A row whose id is not the SHA-256 of its payload was not written by the store (which computes the
+    id itself): it is ignored. A payload stored twice counts once, at its first place in the log, so a
+    copy of an old record inserted after a revocation can never outlive that revocation.
+    """
+    seen: set[str] = set()
+    found: list[StoredRecord] = []
+    for item in sorted(stored, key=lambda s: s.seq):
+        if item.id in seen or item.id != records.record_id(item.envelope):
+            continue
+        seen.add(item.id)
+        found.append(item)
+    return found
+
+
+def _built_on(policy: Policy, index: int) -> bool:
+    """Whether the environment at ``index`` is built on the one before it (``requirePrevious``)."""
+    return index > 0 and policy.environments[index].require_previous
+
+
 def evaluate(
     policy: Policy, stored: Sequence[StoredRecord], repository: str, digest: str,
     verifier: Verifier = verify_signatures,
 ) -> dict[str, PromotionStatus]:
-    """The current promotion state of one digest in every environment of the policy."""
-    relevant = sorted((s for s in stored if s.record.digest == digest and s.record.repository == repository),
-                      key=lambda s: s.seq)
+    """The current promotion state of one digest in every environment of the policy.
+
+    The rule (docs/records.md, "Revocation"): a promotion record in an environment counts only when it
+    was stored after the last revocation of that environment AND after the last revocation of every
+    earlier environment it is built on (the chain of ``requirePrevious`` links), its signatures and
+    evidence satisfy today's policy, and the previous environment stands promoted. So after a
+    revocation every later environment needs a new promotion with its own signatures: a re-promotion
+    upstream, whatever key signs it, never revives a record downstream.
+    """
+    relevant = [s for s in authentic(stored) if s.record.digest == digest and s.record.repository == repository]
     states: dict[str, PromotionStatus] = {}
-    for environment in policy.environments:
+    floor, floor_from = 0, ""  # the last revocation this environment is built on, and where it was made
+    for index, environment in enumerate(policy.environments):
         in_env = [s for s in relevant if s.record.environment == environment.name]
-        last_revocation = max((s.seq for s in in_env if s.record.kind is RecordKind.REVOCATION), default=0)
-        candidates = [s for s in in_env if s.record.kind is RecordKind.PROMOTION and s.seq > last_revocation]
+        own = max((s.seq for s in in_env if s.record.kind is RecordKind.REVOCATION), default=0)
+        if not _built_on(policy, index):
+            floor, floor_from = 0, ""
+        if own > floor:
+            floor, floor_from = own, environment.name
+        promotions = [s for s in in_env if s.record.kind is RecordKind.PROMOTION]
+        candidates = [s for s in promotions if s.seq > floor]
         if not candidates:
-            detail = "revoked" if last_revocation else ""
-            states[environment.name] = PromotionStatus(Promotion.NOT_PROMOTED, detail=detail)
+            # "revoked" only where a revocation (here or upstream) took a promotion away, or was made here.
+            revoked = bool(own) or any(s.seq <= floor for s in promotions)
+            states[environment.name] = PromotionStatus(Promotion.NOT_PROMOTED, detail="revoked" if revoked else "",
+                                                       revoked_from=floor_from if revoked else "")
             continue
-        previous = policy.previous_environment(environment.name)
+        previous = policy.environments[index - 1] if index > 0 else None
         problem = ""
         admitted: StoredRecord | None = None
         for candidate in reversed(candidates):  # newest valid record wins
-            problem_here = _signature_problem(verifier(candidate, environment), environment)
+            problem_here = (_signature_problem(verifier(candidate, environment), environment)
+                            or _record_problem(policy, environment, candidate.record))
             if problem_here is None and environment.require_previous and previous is not None:
                 prior = states.get(previous.name)
                 if prior is None or prior.state is not Promotion.PROMOTED:
@@ -78,7 +117,17 @@ def evaluate(
         else:
             states[environment.name] = PromotionStatus(Promotion.UNTRUSTED, detail=problem)
     promoted_to = tuple(name for name, s in states.items() if s.state is Promotion.PROMOTED)
-    return {name: PromotionStatus(s.state, s.record_ids, promoted_to, s.detail) for name, s in states.items()}
+    return {name: replace(s, promoted_to=promoted_to) for name, s in states.items()}
+
+
+def _record_problem(policy: Policy, environment: Environment, record: Record) -> str | None:
+    """What today's policy says against a record's content (its origin and its evidence), if anything."""
+    try:
+        _check_origin(policy, environment, record)
+        _check_evidence(environment, record)
+    except RuleViolation as exc:
+        return str(exc)
+    return None
 
 
 def check_acceptance(policy: Policy, envelope: dsse.Envelope, record: Record,
@@ -103,20 +152,25 @@ def check_acceptance(policy: Policy, envelope: dsse.Envelope, record: Record,
     problem = _signature_problem(verified, environment)
     if problem:
         raise RuleViolation("signatures", problem)
+    _check_origin(policy, environment, record)
     previous = policy.previous_environment(environment.name)
-    if previous is None:
-        if record.promoted_from:
-            raise RuleViolation("promotedFrom", f'"{environment.name}" is the first environment; promotedFrom must be '
-                                                f'absent, got "{record.promoted_from}"')
-    elif environment.require_previous:
-        if record.promoted_from != previous.name:
-            raise RuleViolation("promotedFrom", f'records for "{environment.name}" must be promoted from '
-                                                f'"{previous.name}", got "{record.promoted_from or "(none)"}"')
+    if previous is not None and environment.require_previous:
         states = evaluate(policy, existing, record.repository, record.digest)
         if states[previous.name].state is not Promotion.PROMOTED:
             raise RuleViolation("requirePrevious", f'{record.reference} has no valid record in "{previous.name}"; '
                                                    f'promote it to "{previous.name}" first (no skipping)')
     _check_evidence(environment, record)
+
+
+def _check_origin(policy: Policy, environment: Environment, record: Record) -> None:
+    previous = policy.previous_environment(environment.name)
+    if previous is None:
+        if record.promoted_from:
+            raise RuleViolation("promotedFrom", f'"{environment.name}" is the first environment; promotedFrom must be '
+                                                f'absent, got "{record.promoted_from}"')
+    elif environment.require_previous and record.promoted_from != previous.name:
+        raise RuleViolation("promotedFrom", f'records for "{environment.name}" must be promoted from '
+                                            f'"{previous.name}", got "{record.promoted_from or "(none)"}"')
 
 
 def _check_evidence(environment: Environment, record: Record) -> None:

@@ -36,14 +36,15 @@ _DOMAIN = rf"{_HOST}(?::[0-9]+)?"
 _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 
+# Every pattern is applied with fullmatch: a "$" would also match before a trailing newline.
 _REFERENCE_RE = re.compile(
-    rf"^(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
-    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?$",
+    rf"(?P<name>(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+    rf"(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?",
     re.ASCII,
 )
-_ANCHORED_IDENTIFIER_RE = re.compile(r"^[a-f0-9]{64}$")
-_REGISTERED_DIGESTS = {"sha256": re.compile(r"^[a-f0-9]{64}$"), "sha512": re.compile(r"^[a-f0-9]{128}$")}
-DIGEST_RE = re.compile(r"^(sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128})$")
+_ANCHORED_IDENTIFIER_RE = re.compile(r"[a-f0-9]{64}")
+_REGISTERED_DIGESTS = {"sha256": re.compile(r"[a-f0-9]{64}"), "sha512": re.compile(r"[a-f0-9]{128}")}
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}|sha512:[a-f0-9]{128}")
 
 
 class Pinning(enum.Enum):
@@ -99,7 +100,7 @@ class ImageReference:
 
 def is_digest(text: str) -> bool:
     """True for a well-formed, registered digest (``sha256:<64 hex>`` or ``sha512:<128 hex>``)."""
-    return bool(DIGEST_RE.match(text))
+    return isinstance(text, str) and DIGEST_RE.fullmatch(text) is not None
 
 
 def _split_docker_domain(name: str) -> tuple[str, str]:
@@ -131,7 +132,7 @@ def parse(text: str) -> ImageReference:
         raise InvalidReference("image has leading or trailing whitespace")
     if not text.isascii():
         raise InvalidReference("image contains non-ASCII characters")
-    if _ANCHORED_IDENTIFIER_RE.match(text):
+    if _ANCHORED_IDENTIFIER_RE.fullmatch(text):
         raise InvalidReference("image is a bare 64-character hex identifier, not a repository name")
 
     name_part, at, digest_part = text.partition("@")
@@ -147,7 +148,7 @@ def parse(text: str) -> ImageReference:
     if remainder.lower() != remainder:
         raise InvalidReference("repository name must be lowercase")
 
-    match = _REFERENCE_RE.match(text)
+    match = _REFERENCE_RE.fullmatch(text)
     if match is None:
         raise InvalidReference(_explain_mismatch(name_part, written_name, at, digest_part))
     tag = match.group("tag")
@@ -169,7 +170,7 @@ def _check_registered_digest(digest: str) -> None:
         raise InvalidReference(
             f'digest algorithm "{algorithm}" is not supported; pin with sha256 (64 lowercase hex characters)'
         )
-    if not pattern.match(encoded):
+    if not pattern.fullmatch(encoded):
         expected = 64 if algorithm == "sha256" else 128
         raise InvalidReference(
             f"{algorithm} digest must be exactly {expected} lowercase hex characters "
@@ -178,15 +179,15 @@ def _check_registered_digest(digest: str) -> None:
 
 
 def _explain_mismatch(name_part: str, written_name: str, at: str, digest_part: str) -> str:
-    if at and not re.match(rf"^{_DIGEST}$", digest_part, re.ASCII):
-        if re.match(r"^[A-Za-z][A-Za-z0-9]*:[0-9a-fA-F]*$", digest_part, re.ASCII):
+    if at and not re.fullmatch(_DIGEST, digest_part, re.ASCII):
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9]*:[0-9a-fA-F]*", digest_part, re.ASCII):
             algorithm, _, encoded = digest_part.partition(":")
             if algorithm in _REGISTERED_DIGESTS:
                 expected = 64 if algorithm == "sha256" else 128
                 return f"{algorithm} digest must be exactly {expected} lowercase hex characters (got {len(encoded)})"
         return f'"@{digest_part}" is not a digest (expected sha256:<64 lowercase hex characters>)'
     tag = name_part[len(written_name) + 1 :] if len(name_part) > len(written_name) else None
-    if tag is not None and not re.match(rf"^{_TAG}$", tag, re.ASCII):
+    if tag is not None and not re.fullmatch(_TAG, tag, re.ASCII):
         if len(tag) > 128:
             return "tag is longer than 128 characters"
         return f'tag "{tag}" is not valid (letters, digits, "_", "." and "-"; must not start with "." or "-")'

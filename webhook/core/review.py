@@ -29,6 +29,7 @@ class UserInfo:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AdmissionRequest:
     uid: str
+    group: str  # the API group of request.kind ("" for the core group)
     kind: str
     namespace: str
     name: str
@@ -72,15 +73,21 @@ def parse_review(body: Any) -> AdmissionRequest:
         dry_run = False
     if not isinstance(dry_run, bool):
         raise MalformedReview("request.dryRun must be a boolean")
+    obj = _read.nullable_mapping(request.get("object"), "request.object")
+    if obj is None and operation in ("CREATE", "UPDATE"):
+        # The API server always sends the object being written; without it there is nothing to judge,
+        # and answering "allowed" would admit what was never seen.
+        raise MalformedReview(f"request.object is required for {operation}")
     return AdmissionRequest(
         uid=uid,
+        group=_read.text(gvk.get("group"), "request.kind.group"),
         kind=kind_name,
         namespace=_read.text(request.get("namespace"), "request.namespace"),
         name=_read.text(request.get("name"), "request.name"),
         operation=operation,
         sub_resource=_read.text(request.get("subResource"), "request.subResource"),
         user=UserInfo(_read.text(user_info.get("username"), "request.userInfo.username"), groups),
-        object=_read.nullable_mapping(request.get("object"), "request.object"),
+        object=obj,
         old_object=_read.nullable_mapping(request.get("oldObject"), "request.oldObject"),
         dry_run=dry_run,
     )

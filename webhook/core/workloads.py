@@ -1,8 +1,11 @@
 """Where images live in Kubernetes objects, with the field path of every container.
 
-Each supported kind maps to the path of its Pod spec. The walk is defensive: the objects come from
-the API server (already schema-validated) or from a developer's manifest (anything goes), and a wrong
-shape must become a clear :class:`WorkloadShapeError`, never an exception from deep inside.
+A workload kind is an API group and a kind (``apps``/``Deployment``; a ``DaemonSet`` of another group
+is not an ``apps`` DaemonSet) with the path of its Pod spec. The built-in kinds are below; a policy
+can name more (``workloadKinds``: Argo Rollouts, OpenShift DeploymentConfigs, …). The walk is
+defensive: the objects come from the API server (already schema-validated) or from a developer's
+manifest (anything goes), and a wrong shape must become a clear :class:`WorkloadShapeError`, never an
+exception from deep inside.
 """
 
 from __future__ import annotations
@@ -16,22 +19,54 @@ from webhook.core.fields import FieldReader
 
 BREAK_GLASS_ANNOTATION = "promotion-gate.io/break-glass"
 
-# kind -> path from the object root to its PodSpec
-POD_SPEC_PATHS: dict[str, tuple[str, ...]] = {
-    "Pod": ("spec",),
-    "PodTemplate": ("template", "spec"),
-    "Deployment": ("spec", "template", "spec"),
-    "ReplicaSet": ("spec", "template", "spec"),
-    "StatefulSet": ("spec", "template", "spec"),
-    "DaemonSet": ("spec", "template", "spec"),
-    "Job": ("spec", "template", "spec"),
-    "ReplicationController": ("spec", "template", "spec"),
-    "CronJob": ("spec", "jobTemplate", "spec", "template", "spec"),
-}
-# the object (template) whose metadata is what ends up on the Pods
-POD_METADATA_PATHS: dict[str, tuple[str, ...]] = {
-    kind: (*path[:-1], "metadata") if len(path) > 1 else ("metadata",) for kind, path in POD_SPEC_PATHS.items()
-}
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadKind:
+    """A kind that carries container images: its API group, kind, plural resource and Pod spec path."""
+
+    group: str  # "" for the core group
+    kind: str
+    resource: str  # plural, as in the webhook's rules
+    pod_spec: tuple[str, ...]  # path from the object's root to its PodSpec
+
+    @property
+    def group_kind(self) -> str:
+        return f"{self.group}/{self.kind}" if self.group else self.kind
+
+
+_TEMPLATE = ("spec", "template", "spec")
+BUILT_IN_KINDS: tuple[WorkloadKind, ...] = (
+    WorkloadKind("", "Pod", "pods", ("spec",)),
+    WorkloadKind("", "PodTemplate", "podtemplates", ("template", "spec")),
+    WorkloadKind("", "ReplicationController", "replicationcontrollers", _TEMPLATE),
+    WorkloadKind("apps", "Deployment", "deployments", _TEMPLATE),
+    WorkloadKind("apps", "ReplicaSet", "replicasets", _TEMPLATE),
+    WorkloadKind("apps", "StatefulSet", "statefulsets", _TEMPLATE),
+    WorkloadKind("apps", "DaemonSet", "daemonsets", _TEMPLATE),
+    WorkloadKind("batch", "Job", "jobs", _TEMPLATE),
+    WorkloadKind("batch", "CronJob", "cronjobs", ("spec", "jobTemplate", "spec", "template", "spec")),
+)
+
+
+def group_of(api_version: object) -> str | None:
+    """The API group of an ``apiVersion`` (``apps/v1`` -> ``apps``, ``v1`` -> ``""``); None if not a string."""
+    if not isinstance(api_version, str) or not api_version:
+        return None
+    return api_version.rpartition("/")[0]
+
+
+def metadata_places(pod_spec: tuple[str, ...]) -> tuple[tuple[str, ...], ...]:
+    """Every metadata that controllers copy onto what they create from this object, the object's own first.
+
+    Each template on the way to the Pod spec has one: a Deployment's ``spec.template.metadata`` (its
+    Pods), a CronJob's ``spec.jobTemplate.metadata`` (its Jobs) and ``spec.jobTemplate.spec.template
+    .metadata`` (their Pods). An annotation in any of them reaches objects admitted later.
+    """
+    return (("metadata",), *((*pod_spec[:index], "metadata") for index in range(1, len(pod_spec))
+                             if pod_spec[index] == "spec"))
+
+
 CONTAINER_FIELDS = ("initContainers", "containers", "ephemeralContainers")
 
 
@@ -52,8 +87,9 @@ class Workload:
     namespace: str
     name: str
     images: tuple[ContainerImage, ...]
-    annotations: Mapping[str, str]
-    deleting: bool
+    # The break-glass annotation wherever it is set: (metadata path, value), the object's own first.
+    break_glass_places: tuple[tuple[str, str], ...] = ()
+    deleting: bool = False
     controlled: bool = False  # created by a controller (has an ownerReference with controller: true)
 
     @property
@@ -62,47 +98,48 @@ class Workload:
 
     @property
     def break_glass(self) -> str | None:
-        return self.annotations.get(BREAK_GLASS_ANNOTATION)
+        """The reason this object is admitted by: its own annotation, else its templates' (outermost first)."""
+        return self.break_glass_places[0][1] if self.break_glass_places else None
 
+    def sets_break_glass_over(self, old: Workload | None) -> bool:
+        """Whether this version adds or changes the annotation in any place, compared with ``old``.
 
-def supports(kind: str) -> bool:
-    return kind in POD_SPEC_PATHS
+        Each place is judged on its own: a value already present on the object must not mask one
+        added to, moved to or changed in a template, whose copies controllers create later. Removing
+        the annotation anywhere sets nothing.
+        """
+        before = dict(old.break_glass_places) if old is not None else {}
+        return any(before.get(place) != value for place, value in self.break_glass_places)
 
 
 _read = FieldReader(WorkloadShapeError)
 
 
-def extract(obj: Any, *, kind: str | None = None, namespace: str = "", name: str = "") -> Workload:
-    """Read kind, identity, annotations and every container image of a supported object."""
+def extract(obj: Any, kind: WorkloadKind, *, namespace: str = "", name: str = "") -> Workload:
+    """Read identity, break-glass annotations and every container image of an object of ``kind``."""
     root = _read.mapping(obj, "object")
-    kind = kind or root.get("kind")
-    if not isinstance(kind, str) or not supports(kind):
-        raise WorkloadShapeError(f"kind {kind!r} is not a workload kind")
     metadata = _read.mapping(root.get("metadata"), "metadata")
     name = name or _read.text(metadata.get("name"), "metadata.name") or _read.text(
         metadata.get("generateName"), "metadata.generateName"
     )
     namespace = namespace or _read.text(metadata.get("namespace"), "metadata.namespace")
-    annotations = _read.string_map(metadata.get("annotations"), "metadata.annotations")
-    template_meta_path = POD_METADATA_PATHS[kind]
-    if template_meta_path != ("metadata",):
-        template_meta = _walk(root, template_meta_path)
-        template_annotations = _read.string_map(
-            _read.mapping(template_meta, ".".join(template_meta_path)).get("annotations"),
-            ".".join((*template_meta_path, "annotations")),
-        )
-        # The workload's own annotation wins; the template's is what its Pods will carry.
-        annotations = {**template_annotations, **annotations}
+    places: list[tuple[str, str]] = []
+    for path in metadata_places(kind.pod_spec):
+        where = ".".join(path)
+        annotations = _read.string_map(_read.mapping(_walk(root, path), where).get("annotations"),
+                                       f"{where}.annotations")
+        if BREAK_GLASS_ANNOTATION in annotations:
+            places.append((where, annotations[BREAK_GLASS_ANNOTATION]))
     deleting = metadata.get("deletionTimestamp") is not None
     owners = metadata.get("ownerReferences") or []
     controlled = isinstance(owners, list) and any(isinstance(o, Mapping) and o.get("controller") is True
                                                   for o in owners)
     return Workload(
-        kind=kind,
+        kind=kind.kind,
         namespace=namespace,
         name=name,
-        images=tuple(_images(root, POD_SPEC_PATHS[kind])),
-        annotations=annotations,
+        images=tuple(_images(root, kind.pod_spec)),
+        break_glass_places=tuple(places),
         deleting=deleting,
         controlled=controlled,
     )
