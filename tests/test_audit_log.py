@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -354,10 +355,11 @@ def test_one_event_the_database_refuses_fails_alone(kit: Kit, store_url: str) ->
     log = ChainedDecisionLog(store, policy_file.load(kit.policy_path), Metrics(), server_key=kit.signing_key("release"))
     wave = [decision(i, uid="refused" if i == 20 else "") for i in range(1, 40)]
     results = appended_together(log, store_url, decision(0), [wave])
+    log.close()
     failed = [r for r in results if isinstance(r, str)]
     assert len(failed) == 1 and failed[0].startswith("StoreError: store error: "), failed
     assert sorted(r for r in results if isinstance(r, int)) == list(range(1, 40))  # 39 of 40 in the chain
-    assert verify(store_url, kit) == (0, "audit log intact: 39 events, 8 signed checkpoints verified")
+    assert verify(store_url, kit) == (0, "audit log intact: 39 events, 9 signed checkpoints verified")
 
 
 def test_an_ordinary_decision_is_not_queued_behind_giant_ones(kit: Kit, store_url: str) -> None:
@@ -366,6 +368,7 @@ def test_an_ordinary_decision_is_not_queued_behind_giant_ones(kit: Kit, store_ur
     giants = [decision(i, findings=700) for i in range(1, 13)]  # about 300 KiB each, 3.6 MiB in all
     ordinary = decision(13)
     results = appended_together(log, store_url, decision(0), [giants, [ordinary]])
+    log.close()
     assert results[-1] == 2  # committed right after the one in flight, ahead of every giant queued before it
     assert sorted(results[1:-1]) == list(range(3, 15))
 
@@ -507,6 +510,7 @@ def test_the_writer_refuses_an_event_no_server_should_write(kit: Kit, tmp_path: 
     assert str(refused.value) == (f"audit event of {prepare(giant).size} characters is larger than the audit log's "
                                   "limit of 8388608")
     assert log.append(decision(2), timeout=10) == 1  # only that one
+    log.close()
 
 
 def test_a_log_written_before_chained_checkpoints_still_verifies_and_goes_on(kit: Kit, store_url: str) -> None:
@@ -539,4 +543,24 @@ def test_a_log_written_before_chained_checkpoints_still_verifies_and_goes_on(kit
         "start with the first event a current server writes\n")
     log = ChainedDecisionLog(open_store(store_url), policy_file.load(kit.policy_path), Metrics(), server_key=key)
     assert log.append(decision(4), timeout=10) == 4
+    log.close()
     assert verify(store_url, kit) == (0, "audit log intact: 4 events, 2 signed checkpoints verified")
+
+
+def test_a_new_schedule_applies_from_the_next_checkpoint_the_tighter_until_then(kit: Kit, store_url: str) -> None:
+    store = open_store(store_url, migrate=True)
+    policy = policy_file.load(kit.policy_path)  # checkpointEvery: 5
+    key = kit.signing_key("release")
+    before = ChainedDecisionLog(store, policy, Metrics(), server_key=key)
+    for index in range(3):
+        before.append(decision(index), timeout=10)
+    before.close()  # a clean stop seals event 3; the next server runs with checkpointEvery: 100
+    after = ChainedDecisionLog(store, replace(policy, audit_checkpoint_every=100), Metrics(), server_key=key)
+    try:
+        for index in range(3, 12):
+            after.append(decision(index), timeout=10)
+        # event 8 was due under the schedule checkpoint 2 promised (5 events); from there on, every 100
+        assert [(c.event_seq, c.every) for c in store.checkpoints()] == [(1, 5), (3, 5), (8, 100)]
+        assert verify(store_url, kit) == (0, "audit log intact: 12 events, 3 signed checkpoints verified")
+    finally:
+        after.close()

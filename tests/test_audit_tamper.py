@@ -18,12 +18,23 @@ import sqlalchemy as sa
 import yaml
 from click.testing import CliRunner
 
-from tests.audit_tamper import CORPUS, EVENTS, EVERY, Case, Golden, attacker_on, caught, expected
+from tests.audit_tamper import (
+    CORPUS,
+    EVENTS,
+    EVERY,
+    Case,
+    Golden,
+    attacker_on,
+    caught,
+    expected,
+    write_anchor_lines,
+)
 from tools.promotion_kit import cli, make_kit, policy_document
 from tools.reviews import review, workload
 from tools.servers import PostgresServer, start_server
 from webhook.cli import main
 from webhook.store import open_store
+from webhook.store.audit_format import Sealer
 from webhook.store.schema import APPEND_ONLY_CHECKPOINTS, APPEND_ONLY_EVENTS, PRUNE_ONLY
 
 BREAK_GLASS = {"promotion-gate.io/break-glass": "INC-4711 payment outage"}
@@ -232,3 +243,17 @@ def test_without_a_key_only_the_chains_consistency_is_checked(log: Log) -> None:
 
 def policy_with(root: Path, **audit: object) -> str:
     return yaml.safe_dump(policy_document(root, extra={"audit": {"onWriteFailure": "deny", **audit}}))
+
+
+def test_every_anchor_given_must_be_in_the_log(log: Log, tmp_path: Path) -> None:
+    # An older anchor kept elsewhere (a file from last week) counts as much as the newest one.
+    third = log.golden.checkpoints[2]
+    other = Sealer(log.golden.server_key, third.every, third.seconds).sign(
+        seq=third.seq, prev_hash=third.prev_hash, kind=third.kind, event_seq=third.event_seq,
+        event_hash=third.event_hash, created_at="2026-01-01T00:00:00.000000Z")
+    kept = tmp_path / "last-week.json"
+    write_anchor_lines(kept, [other])
+    result = CliRunner().invoke(main, ["audit", "verify", "--store", log.url, "--key", str(log.public_key),
+                                       "--anchor", str(log.anchor), "--anchor", str(kept)])
+    assert (result.exit_code, result.stdout) == (
+        1, "audit log TAMPERED: checkpoint 3 differs from the anchor's signed copy: the checkpoint chain was rewritten\n")

@@ -188,6 +188,10 @@ class _Lanes:
                     used, large = used + item.event.size, large + 1
             return group
 
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
+
     @staticmethod
     def _claim(item: _Pending, group: list[_Pending]) -> bool:
         if not item.done.set_running_or_notify_cancel():
@@ -220,6 +224,7 @@ class ChainedDecisionLog:
         self._uncovered = self._sealer is not None  # unknown at start: events of a crashed process may wait
         self._newest_event = 0  # what this process wrote last: the chain never goes below it
         self._newest_checkpoint = 0
+        self._closed = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
@@ -238,10 +243,11 @@ class ChainedDecisionLog:
             raise StoreUnavailable("audit write timed out") from exc
 
     def _write_loop(self) -> None:
-        while True:
+        while not self._closed.is_set():
             group = self._lanes.take(SEAL_CHECK_SECONDS if self._uncovered else None)
             if not group:
-                self._seal_if_due()
+                if not self._closed.is_set():
+                    self._seal_if_due()
                 continue
             try:
                 outcome = self._store.append_audit([item.event for item in group], self._sealer)
@@ -298,7 +304,13 @@ class ChainedDecisionLog:
                 log.error("checkpoint %s could not be written to stdout: %s", checkpoint.seq, exc)
 
     def close(self) -> None:
-        """At shutdown: sign a checkpoint over events that none covers yet, so the log stays sealed."""
+        """At shutdown: sign a checkpoint over events that none covers yet, so the log stays sealed.
+
+        The writer finishes the group it holds and stops; decisions after this are not stored.
+        """
+        self._closed.set()
+        self._lanes.wake()
+        self._writer.join(timeout=10)
         if self._uncovered:
             self._seal_if_due(force=True)
 

@@ -98,7 +98,7 @@ class _Chain:
     newest_prune: Checkpoint | None = None
 
 
-def _walk_checkpoints(store: SqlStore, table: dict[str, keys.VerifyingKey] | None, anchor: Checkpoint | None,
+def _walk_checkpoints(store: SqlStore, table: dict[str, keys.VerifyingKey] | None, anchors: Sequence[Checkpoint],
                       report: VerifyReport) -> _Chain:
     chain = _Chain()
     expected, prev = 1, GENESIS
@@ -129,12 +129,14 @@ def _walk_checkpoints(store: SqlStore, table: dict[str, keys.VerifyingKey] | Non
             chain.last_seal = cp
         elif chain.newest_prune is None or cp.event_seq > chain.newest_prune.event_seq:
             chain.newest_prune = cp
-        if anchor is not None and cp.seq == anchor.seq and cp.hash != anchor.hash:
-            raise _Tampered(anchor_differs(anchor))
+        for anchor in anchors:
+            if cp.seq == anchor.seq and cp.hash != anchor.hash:
+                raise _Tampered(anchor_differs(anchor))
         expected, prev = cp.seq + 1, cp.hash
         chain.count += 1
-    if anchor is not None and chain.count < anchor.seq:
-        raise _Tampered(anchor_missing(anchor))
+    beyond = newest_anchor([a for a in anchors if a.seq > chain.count])
+    if beyond is not None:
+        raise _Tampered(anchor_missing(beyond))
     return chain
 
 
@@ -275,20 +277,19 @@ def verify(store: SqlStore, trusted: list[keys.VerifyingKey] | None = None, *,
 
     ``trusted``: the public keys whose checkpoint signatures count (None: signatures are not checked,
     and a log rewritten with recomputed hashes would pass). ``anchors``: checkpoints published outside
-    the database; the log must still hold the newest of them.
+    the database; the log must still hold each of them, unchanged.
     """
     report = VerifyReport()
     table = {k.key_id: k for k in trusted} if trusted is not None else None
     now = now or datetime.now(UTC)
     try:
-        anchor = newest_anchor(anchors)
-        if anchor is not None:
+        for anchor in anchors:
             if not anchor.content_ok():
                 raise _Tampered(f"the anchor's checkpoint {anchor.seq} was altered: its content does not match its "
                                 "hash")
             if table is not None:
                 _check_signature(anchor, table, "the anchor's checkpoint")
-        chain = _walk_checkpoints(store, table, anchor, report)
+        chain = _walk_checkpoints(store, table, anchors, report)
         report.checkpoints = chain.count
         start = (1, GENESIS)
         if chain.newest_prune is not None:
