@@ -122,6 +122,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
                     min_tests_passed=evidence.get("minTestsPassed"),
                     max_scan_findings=dict(evidence.get("maxScanFindings") or {}),
                     require_source=evidence.get("requireSource", False),
+                    require_image_labels=evidence.get("requireImageLabels", False),
                 ),
             )
         )

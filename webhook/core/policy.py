@@ -53,6 +53,7 @@ class Evidence:
     min_tests_passed: int | None = None
     max_scan_findings: Mapping[str, int] = field(default_factory=dict)
     require_source: bool = False
+    require_image_labels: bool = False  # gitCommit and ciRunId confirmed by the image's own labels
 
 
 @dataclass(frozen=True, kw_only=True)

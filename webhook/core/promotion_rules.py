@@ -198,3 +198,11 @@ def _check_evidence(environment: Environment, record: Record) -> None:
                                     f'"{name}" allows at most {limit} {severity} scan findings; the record has {found}')
     if rules.require_source and not (record.source.git_commit and record.source.ci_run_id):
         raise RuleViolation("evidence.requireSource", f'"{name}" requires the source git commit and CI run id')
+    if rules.require_image_labels:
+        missing = [words for field, words in (("gitCommit", "git commit"), ("ciRunId", "CI run"))
+                   if field not in record.confirmed_by_labels]
+        if missing:
+            raise RuleViolation("evidence.requireImageLabels",
+                                f'"{name}" requires the git commit and the CI run confirmed by the image\'s own labels; '
+                                f"not confirmed: {', '.join(missing)}. Build with --label git.commit=… --label "
+                                "ci.run=… and record the image from its registry (promotion-gate record REPO:TAG)")
