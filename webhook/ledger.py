@@ -7,6 +7,7 @@ its own callers (a status code, an exit code, a Promotion's phase).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 from webhook.core import promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
-from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.core.promotion import Lookup, Promotion, PromotionStatus, StoredRecord, Subject, TagPromotion, TagSubject
 from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id
 from webhook.store.errors import DuplicateRecord
 from webhook.store.sql import SqlStore
@@ -133,6 +134,27 @@ class Ledger:
         assert ref.digest is not None
         return promotion_rules.evaluate(self.policy, self.store.records_for_digest(ref.digest), ref.repository,
                                         ref.digest)
+
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        """Admission's two questions, answered from one query as admission answers them (``check``, ``pin``)."""
+        stored = self.store.records_for_subjects([digest for _, digest in subjects], tags)
+        evaluated: dict[Subject, dict[str, PromotionStatus]] = {}
+
+        def states(repository: str, digest: str) -> dict[str, PromotionStatus]:
+            if (repository, digest) not in evaluated:
+                evaluated[(repository, digest)] = promotion_rules.evaluate(self.policy, stored.get(digest, []),
+                                                                            repository, digest)
+            return evaluated[(repository, digest)]
+
+        statuses = {(r, d): states(r, d).get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+                    for r, d in subjects}
+        every = [s for found in stored.values() for s in found]
+        answers: dict[TagSubject, TagPromotion] = {}
+        for repository, tag in tags:
+            statements = promotion_rules.tag_statements(every, repository, tag)
+            answers[(repository, tag)] = promotion_rules.promoted_for_tag(
+                statements, environment, functools.partial(states, repository))
+        return Lookup(statuses, answers)
 
     def trace(self, digest: str) -> Trace:
         # Only what the rules count: a row whose id is not its content address, or a second copy of a

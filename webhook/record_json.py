@@ -7,7 +7,7 @@ from typing import Any
 
 from webhook import ledger
 from webhook.core import records
-from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.core.promotion import PromotionStatus, StoredRecord, TagPromotion
 from webhook.ledger import Trace
 
 
@@ -25,6 +25,20 @@ def status_json(repository: str, digest: str, states: Mapping[str, PromotionStat
     return {"repository": repository, "digest": digest, "states": {
         env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
               "detail": s.detail, "revokedFrom": s.revoked_from} for env, s in states.items()}}
+
+
+def tag_promotion_json(repository: str, tag: str, answer: TagPromotion) -> dict[str, Any]:
+    """``GET /promoted``: the digest promoted to an environment for one tag, and every digest built as it."""
+    return {"image": f"{repository}:{tag}", "repository": repository, "tag": tag, "digest": answer.digest or None,
+            "reference": f"{repository}@{answer.digest}" if answer.digest else None, "builtAs": list(answer.built)}
+
+
+def tag_promotion_of(data: Mapping[str, Any]) -> TagPromotion:
+    """The inverse of :func:`tag_promotion_json`, for clients of the API."""
+    digest = data.get("digest")
+    built = data.get("builtAs") or []
+    return TagPromotion(digest=digest if isinstance(digest, str) else "",
+                        built=tuple(b for b in built if isinstance(b, str)) if isinstance(built, list) else ())
 
 
 def trace_json(trace: Trace) -> dict[str, Any]:
