@@ -193,6 +193,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         api_open_reads=api.get("openReads", False),
         api_tokens=api_tokens,
         workload_kinds=(*BUILT_IN_KINDS, *kinds),
+        named_keys=key_table,
         digest=hashlib.sha256(canonical).hexdigest(),
     )
 

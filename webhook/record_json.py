@@ -11,10 +11,19 @@ from webhook.core.promotion import PromotionStatus, StoredRecord, TagPromotion
 from webhook.ledger import Trace
 
 
-def stored_json(stored: StoredRecord, *, with_envelope: bool = True) -> dict[str, Any]:
+def signer_json(signer: ledger.Signer) -> dict[str, Any]:
+    return {"keyId": signer.key_id, "name": signer.name or None, "verified": signer.verified}
+
+
+def stored_json(stored: StoredRecord, *, with_envelope: bool = True,
+                signers: tuple[ledger.Signer, ...] | None = None) -> dict[str, Any]:
+    """A stored record. ``signers`` (the policy's names for the keys that verify) become ``signedBy``;
+    ``signers`` stays the key ids as written in the envelope."""
     data: dict[str, Any] = {"id": stored.id, "seq": stored.seq, "storedAt": stored.stored_at,
                             "submittedBy": stored.submitted_by, **records.record_json(stored.record),
                             "signers": [s.keyid for s in stored.envelope.signatures]}
+    if signers is not None:
+        data["signedBy"] = [signer_json(s) for s in signers]
     if with_envelope:
         data["envelope"] = stored.envelope.to_json()
     return data
@@ -44,8 +53,9 @@ def tag_promotion_of(data: Mapping[str, Any]) -> TagPromotion:
 def trace_json(trace: Trace) -> dict[str, Any]:
     return {
         "digest": trace.digest,
-        "records": [stored_json(s, with_envelope=False) for s in trace.promotions],
-        "revocations": [stored_json(s, with_envelope=False) for s in trace.revocations],
+        "records": [stored_json(s, with_envelope=False, signers=trace.signers.get(s.id)) for s in trace.promotions],
+        "revocations": [stored_json(s, with_envelope=False, signers=trace.signers.get(s.id))
+                        for s in trace.revocations],
         "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail,
                                       "revokedFrom": s.revoked_from}
                                 for env, s in states.items()}

@@ -181,7 +181,7 @@ class LocalBackend:
         return list(self.ledger.policy.environment_names)
 
     def records(self, **filters: Any) -> list[dict[str, Any]]:
-        return [record_json.stored_json(s) for s in self.ledger.find(**filters)]
+        return [record_json.stored_json(s, signers=self.ledger.signers(s)) for s in self.ledger.find(**filters)]
 
     def trace(self, digest: str) -> dict[str, Any]:
         return record_json.trace_json(self.ledger.trace(digest))

@@ -13,7 +13,7 @@ import click
 
 from webhook import key_files, ledger, record_json, registry, registry_credentials
 from webhook.cli.backend import Backend, open_backend
-from webhook.cli.options import BackendOptions, ExitCode, backend_options, grouped
+from webhook.cli.options import BackendOptions, ExitCode, backend_options, grouped, load_policy
 from webhook.core import dsse, image_labels, keys, records, references
 from webhook.core.records import Record, RecordKind
 
@@ -350,8 +350,11 @@ def history_cmd(image: str, environment: str | None, limit: int, backend: Backen
         return
     if not found:
         click.echo(f"no records for {ref.repository}")
+    names = _key_names(backend)
     for item in found:
         click.echo(_record_line(item))
+        for detail in custody(item, names):
+            click.echo(f"      {detail}")
 
 
 @click.command("trace")
@@ -372,19 +375,11 @@ def trace_cmd(digest: str, backend: BackendOptions) -> None:
         summary = ", ".join(f"{env}: {s['state']}" for env, s in states.items())
         click.echo(f"  {repository}: {summary}")
     click.echo("records:")
+    names = _key_names(backend)
     for item in sorted(data["records"] + data["revocations"], key=lambda r: r["seq"]):
         click.echo("  " + _record_line(item))
-        if item["kind"] == RecordKind.PROMOTION:
-            src, tests, scan = item["source"], item["tests"], item["scan"]
-            click.echo(f"      source: commit {src['gitCommit'] or '-'} repo {src['repository'] or '-'} "
-                       f"ci run {src['ciRunId'] or '-'} {src['ciRunUrl']}".rstrip())
-            if tests:
-                click.echo(f"      tests: {tests['passed']} passed, {tests['failed']} failed")
-            if scan:
-                counts = ", ".join(f"{k} {v}" for k, v in scan["findings"].items())
-                click.echo(f"      scan: {scan['scanner'] or '-'}: {counts or 'no counts'}")
-            click.echo(f"      approvers: {', '.join(item['approvers']) or '-'}; "
-                       f"signed by: {', '.join(k[:12] for k in item['signers'])}")
+        for detail in custody(item, names):
+            click.echo(f"      {detail}")
     click.echo(f"admissions: {len(data['admissions'])}")
     for event in data["admissions"]:
         verdict = "allowed" if event["allowed"] else "denied"
@@ -399,6 +394,61 @@ def _record_line(item: dict[str, Any]) -> str:
     origin = f" from {item['promotedFrom']}" if item.get("promotedFrom") else ""
     return (f"#{item['seq']} {item['at']} {item['repository']}@{item['digest']} -> {item['environment']}{origin} "
             f"by {item['by']} (record {item['id'][:12]})")
+
+
+def _key_names(backend: BackendOptions) -> dict[str, str]:
+    """Key id -> the ``--policy`` file's name for it: for servers that answer without ``signedBy``."""
+    if backend.policy_path is None:
+        return {}
+    policy = load_policy(backend.policy_path)
+    return {key.key_id: name for name, key in policy.named_keys.items()}
+
+
+def _signers(item: dict[str, Any], names: dict[str, str]) -> str:
+    if isinstance(item.get("signedBy"), list):
+        return ", ".join(f"{s['name']} ({s['keyId'][:12]})" if s.get("name") and s.get("verified")
+                         else f"{s['keyId'][:12]} (not verified)" for s in item["signedBy"])
+    # The key ids written in the envelope: claims, named by the local policy when it knows them.
+    return ", ".join(f"{names[k]} ({k[:12]}, claimed)" if k in names else f"{k[:12]} (claimed)"
+                     for k in item.get("signers", []))
+
+
+def custody(item: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """A record's chain-of-custody lines, for a person: what is absent is left out, not shown as "-"."""
+    lines: list[str] = []
+    if item["kind"] == RecordKind.PROMOTION:
+        if item.get("builtAs"):
+            lines.append(f"built as :{item['builtAs']}")
+        source = item.get("source") or {}
+        parts = []
+        if source.get("gitCommit"):
+            parts.append(f"git commit {source['gitCommit']}")
+        run = " ".join(filter(None, (source.get("ciRunId"), f"({source['ciRunUrl']})" if source.get("ciRunUrl")
+                                     else "")))
+        if run:
+            parts.append(f"CI run {run}")
+        if source.get("repository"):
+            parts.append(f"repository {source['repository']}")
+        if parts:
+            lines.append("source: " + ", ".join(parts))
+            confirmed = item.get("confirmedByImageLabels") or []
+            words = [f.words for f in image_labels.FIELDS if f.name in confirmed]
+            lines.append("confirmed by image labels: " + ", ".join(words) if words
+                         else "not confirmed by image labels")
+        tests, scan = item.get("tests"), item.get("scan")
+        if tests:
+            lines.append(f"tests: {tests['passed']} passed, {tests['failed']} failed")
+        if scan:
+            counts = ", ".join(f"{k} {v}" for k, v in scan["findings"].items())
+            lines.append("scan: " + ": ".join(filter(None, (scan.get("scanner"), counts or "no counts"))))
+        if item.get("approvers"):
+            lines.append(f"approvers: {', '.join(item['approvers'])}")
+        if item.get("reason"):
+            lines.append(f"reason: {item['reason']}")
+    signers = _signers(item, names)
+    if signers:
+        lines.append(f"signed by: {signers}")
+    return lines
 
 
 COMMANDS = (keys_group, record_cmd, promote_cmd, revoke_cmd, submit_cmd, history_cmd, trace_cmd)

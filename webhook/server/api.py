@@ -130,7 +130,7 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
             found = records.find(repository=repository, digest=digest,
                                  environment=request.args.get("environment"), limit=_limit(),
                                  after=int(after) if after.isdigit() else 0)
-            return jsonify({"records": [stored_json(s) for s in found]})
+            return jsonify({"records": [stored_json(s, signers=records.signers(s)) for s in found]})
 
         @api.get("/trace/<path:digest>")
         def trace(digest: str) -> Response:
