@@ -31,7 +31,7 @@ def test_slow_store_fails_closed_unless_a_fresh_verdict_is_cached(server_factory
     kit.policy_path.write_text(yaml.safe_dump(document))
     url = postgres.create_database("slow_store")
     gate = server_factory(policy=kit.policy_path.read_text(), store=url)
-    assert cli("record", IMAGE, "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
+    assert cli("record", IMAGE, "--no-registry", "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
                "--tests-failed", "0", "--scan-critical", "0", "--scan-high", "0", "--key", str(kit.key("ci")),
                *remote(gate, kit, "ci-bot")).returncode == 0
 

@@ -27,7 +27,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,7 +87,7 @@ class TokenService:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 query = parse_qs(urlsplit(self.path).query)
                 user = service.check(self.headers.get("Authorization", ""))
                 service.requests.append({"user": user, "query": query})
@@ -228,17 +228,15 @@ class HostileRegistry:
             def log_message(self, *_args: Any) -> None:
                 pass
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 path = urlsplit(self.path).path
                 registry.hits.append(path)
                 answer = registry.routes.get(path)
                 if answer is None:
                     send(self, 404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}')
                     return
-                try:
+                with suppress(BrokenPipeError, ConnectionResetError):
                     answer(self)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.host = f"127.0.0.1:{self.server.server_address[1]}"
@@ -267,3 +265,13 @@ def endless(handler: BaseHTTPRequestHandler) -> None:
     chunk = b"{" + b" " * 65535
     for _ in range(1024):  # 64 MiB at most, far past the 4 MiB a manifest may have
         handler.wfile.write(chunk)
+
+
+def docker_config(directory: Path, auths: dict[str, tuple[str, str]] | None = None,
+                  **settings: Any) -> Path:
+    """A Docker ``config.json`` as ``docker login`` writes it (``auths`` with base64 ``auth``); returns its dir."""
+    directory.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {"auths": {host: {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+                                          for host, (user, password) in (auths or {}).items()}, **settings}
+    (directory / "config.json").write_text(json.dumps(document, indent=2))
+    return directory
