@@ -162,3 +162,30 @@ def test_cli_unreachable_server_exits_3(tmp_path: Path) -> None:
     result = cli("history", "ghcr.io/acme/api", "--server", f"https://127.0.0.1:{free_port()}")
     assert result.returncode == 3
     assert result.stderr.startswith("error: cannot reach https://127.0.0.1:")
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"image": "ghcr.io/acme/api:1"}, "environment: give one the policy defines (ci, staging, production)"),
+    ({"environment": "staging"}, "image: give 1 to 100 images as repository:tag"),
+    ({"environment": "staging", "image": f"ghcr.io/acme/api@{DIGEST}"},
+     f"image 'ghcr.io/acme/api@{DIGEST}': give a tag, not a digest"),
+    ({"environment": "staging", "image": "Ghcr.io/ACME"}, "image 'Ghcr.io/ACME': repository name must be lowercase"),
+])
+def test_promoted_digest_of_a_tag_questions_are_checked(gate: RunningServer, kit: Kit, params: dict[str, str],
+                                                        message: str) -> None:
+    reply = gate.get("/api/v1/promoted", params=params, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert (reply.status_code, reply.json()["error"]) == (400, message)
+
+
+def test_promoted_digest_of_a_tag_is_answered_per_image(gate: RunningServer, kit: Kit) -> None:
+    built = "sha256:" + "7" * 64
+    auth = {"Authorization": f"Bearer {kit.token('ci-bot')}"}
+    stored = post(gate, signed(kit, digest=built, built_as="v7"), kit.token("ci-bot"))
+    assert stored.status_code == 201, stored.text
+    reply = gate.get("/api/v1/promoted", params={"environment": "ci", "image": [
+        "ghcr.io/acme/payment-api:v7", "ghcr.io/acme/payment-api:v8"]}, headers=auth)
+    assert reply.json() == {"environment": "ci", "images": [
+        {"image": "ghcr.io/acme/payment-api:v7", "repository": "ghcr.io/acme/payment-api", "tag": "v7",
+         "digest": built, "reference": f"ghcr.io/acme/payment-api@{built}", "builtAs": [built]},
+        {"image": "ghcr.io/acme/payment-api:v8", "repository": "ghcr.io/acme/payment-api", "tag": "v8",
+         "digest": None, "reference": None, "builtAs": []}]}
