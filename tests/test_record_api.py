@@ -117,7 +117,30 @@ MALFORMED = {
         "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
         "subject": [{"name": "ghcr.io/acme/api", "digest": {"sha256": "a" * 64 + "\n"}}], "predicate": {}}).encode()
     ).decode())), 400, "malformed envelope: subject[0].digest must be sha256 (64 lowercase hex) or sha512 (128)"),
+    "a tag that is not one": (lambda k: with_predicate(k, builtAs="-abc"), 400,
+                              'malformed envelope: predicate.builtAs must be a tag: letters, digits, "_", "." and "-", '
+                              'at most 128 characters, not starting with "." or "-"'),
+    "a tag with a forged line": (lambda k: with_predicate(k, builtAs="abc\n[mutable-tag] x"), 400,
+                                 'malformed envelope: predicate.builtAs must be a tag: letters, digits, "_", "." and '
+                                 '"-", at most 128 characters, not starting with "." or "-"'),
+    "a confirmation of an unknown field": (lambda k: with_predicate(k, confirmedByImageLabels=["scan"]), 400,
+                                           "malformed envelope: predicate.confirmedByImageLabels: unknown source field "
+                                           "'scan' (known: gitCommit, ciRunId, repository)"),
+    "a confirmation of an absent field": (
+        lambda k: with_predicate(k, source={"gitCommit": "c"}, confirmedByImageLabels=["ciRunId"]), 400,
+        "malformed envelope: predicate.confirmedByImageLabels: ciRunId is confirmed but predicate.source.ciRunId is "
+        "empty"),
 }
+
+
+def with_predicate(kit: Kit, **fields: Any) -> dict[str, Any]:
+    """A CI record, signed, whose predicate carries ``fields`` as given."""
+    from webhook.core import dsse, records
+
+    statement = records.statement(ci_record(digest="sha256:" + "5" * 64))
+    statement["predicate"].update(fields)
+    payload = json.dumps(statement).encode()
+    return dsse.sign(payload, [kit.signing_key("ci")]).to_json()
 
 
 @pytest.mark.parametrize(("body", "status", "message"), MALFORMED.values(), ids=MALFORMED.keys())
