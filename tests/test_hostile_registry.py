@@ -179,3 +179,20 @@ def test_labels_a_record_must_not_carry_are_refused(labels: dict[str, str], prob
     with pytest.raises(image_labels.LabelConflict) as refused:
         image_labels.reconcile(Source(), [PlatformLabels("linux/amd64", labels)], "r@d")
     assert str(refused.value) == problem
+
+
+def test_a_docker_manifest_list_reads_like_an_oci_index() -> None:
+    """What `docker buildx build --push` writes for several platforms: Docker's media types, same meaning."""
+    listed = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.list.v2+json",
+                         "manifests": [{"mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                                        "digest": OTHER, "size": 528,
+                                        "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    parsed = image_manifests.parse_manifest(listed, "application/vnd.docker.distribution.manifest.list.v2+json", "m")
+    assert isinstance(parsed, image_manifests.ImageIndex)
+    assert [(i.media_type, i.platform) for i in parsed.images] == [
+        ("application/vnd.docker.distribution.manifest.v2+json", "linux/amd64")]
+    single = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                         "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                                    "digest": CONFIG_DIGEST, "size": len(CONFIG)}, "layers": []}).encode()
+    image = image_manifests.parse_manifest(single, "application/vnd.docker.distribution.manifest.v2+json", "m")
+    assert isinstance(image, image_manifests.ImageManifest) and image.config.digest == CONFIG_DIGEST
