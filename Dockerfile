@@ -15,6 +15,8 @@
 # below must be refreshed (for base-image security fixes) with:
 #   docker buildx imagetools inspect python:3.11-slim-bookworm --format '{{json .Manifest.Digest}}'
 # and is overridable: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:<digest>
+# Without any registry (tools/cluster, `make e2e-cluster`): a Debian bookworm base made by mmdebstrap
+# (python3, python3-venv, python-is-python3, passwd) is passed here; both bases have Python 3.11.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
 
 # ---- builder: build the project wheel and every dependency's wheel -------------------------------
@@ -27,7 +29,14 @@ WORKDIR /src
 # if it is absent.
 COPY pyproject.toml README* ./
 COPY webhook ./webhook
-RUN python -m pip wheel --wheel-dir /wheels .
+# pip runs from a throw-away venv, so the base needs only python and venv (true of python:3.11-slim and
+# of the Debian base alike). The optional build secret "pip-ca" is a CA bundle for a TLS-intercepting
+# proxy in front of PyPI (buildah/docker build --secret id=pip-ca,src=/etc/ssl/certs/ca-certificates.crt):
+# mounted for this RUN only, so it is in no layer, and this stage is not part of the final image.
+RUN --mount=type=secret,id=pip-ca \
+    python -m venv /tmp/pip \
+ && if [ -s /run/secrets/pip-ca ]; then export PIP_CERT=/run/secrets/pip-ca; fi \
+ && /tmp/pip/bin/python -m pip wheel --wheel-dir /wheels .
 
 # ---- runtime: install the wheels (offline) into a virtualenv; no compiler, no build files -------
 FROM ${PYTHON_IMAGE} AS runtime

@@ -9,7 +9,8 @@ TOOLCHAIN   := tools/build-toolchain.sh
 TOOLBIN     := $(shell echo $${PROMOTION_GATE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/promotion-gate})/bin
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind clean
+.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind clean \
+        e2e-cluster cluster-deps cluster-toolchain cluster-images cluster-up cluster-down
 
 help:
 	@echo "make run        serve the webhook on https://127.0.0.1:8443 (SQLite store under ./var/)"
@@ -19,6 +20,8 @@ help:
 	@echo "make bench      benchmarks, reported as ratios against a baseline (docs/benchmarks.md)"
 	@echo "make manifests  re-render manifests/ from the Helm chart"
 	@echo "make e2e-kind   the end-to-end suite against a kind cluster (needs Docker)"
+	@echo "make e2e-cluster  the chart, its image and real Pods on a single-node cluster (root, no Docker)"
+	@echo "make cluster-up / cluster-down  that cluster, to try Promotion Gate by hand (docs/install.md)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,10 +63,11 @@ lint: venv
 	$(BIN)/lint-imports --no-cache
 
 unit: venv system-deps toolchain
-	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not e2e" $(PYTEST_ARGS)
+	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not e2e and not cluster" $(PYTEST_ARGS)
 
+# The single-node cluster scenarios (tests/cluster) run in `make e2e-cluster`, which .ci/run also runs.
 test: venv system-deps toolchain lint
-	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
 
 bench: venv system-deps
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
@@ -77,3 +81,26 @@ e2e-kind: venv
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+# --- the single-node cluster (tools/cluster): real Pods without Docker ------------------------------
+# Debian packages (containerd, runc, CNI plugins, iptables, registry, buildah, skopeo, mmdebstrap, ...),
+# installed only when missing.
+cluster-deps: venv
+	$(BIN)/python -m tools.cluster deps
+
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy and CoreDNS, next to the e2e toolchain.
+cluster-toolchain:
+	@$(TOOLCHAIN) cluster >/dev/null
+
+# pause, the Debian base and the project image (buildah, from the Dockerfile), cached by their inputs.
+cluster-images: venv cluster-deps
+	$(BIN)/python -m tools.cluster images
+
+cluster-up: venv system-deps cluster-deps cluster-toolchain cluster-images
+	$(BIN)/python -m tools.cluster up
+
+cluster-down: venv
+	$(BIN)/python -m tools.cluster down
+
+e2e-cluster: venv system-deps cluster-deps cluster-toolchain cluster-images
+	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest tests/cluster -m cluster $(PYTEST_ARGS)

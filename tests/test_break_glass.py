@@ -101,14 +101,21 @@ def test_the_objects_own_annotation_is_the_reason_it_is_admitted_by() -> None:
     assert verdict.allowed and verdict.break_glass_reason == "INC-1 on the object"
 
 
-def test_a_job_created_by_the_cronjob_controller_carries_the_job_templates_annotation() -> None:
+def test_controllers_carry_the_annotation_to_the_pods() -> None:
     job = workload("Job", ["ghcr.io/acme/api:1.4"], name="api-2961", namespace="shop",
                    annotations={ANNOTATION: INC})
     job["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "CronJob", "name": "api",
                                            "uid": "u", "controller": True}]
-    controller = "system:serviceaccount:kube-system:cronjob-controller"
-    verdict = decision.decide(admission.parse_review(review(copy.deepcopy(job), user=controller)), POLICY, None,
-                              NoRecords())
-    assert verdict.allowed and verdict.break_glass_reason == INC
-    unowned = decision.decide(admission.parse_review(review(job, user=MALLORY)), POLICY, None, NoRecords())
-    assert not unowned.allowed
+    cronjob_controller = "system:serviceaccount:kube-system:cronjob-controller"
+    made = decision.decide(admission.parse_review(review(copy.deepcopy(job), user=cronjob_controller)), POLICY,
+                           None, NoRecords())
+    assert made.allowed and made.skipped.startswith("Job created by ")  # its owner was judged; its Pods will be
+    pod = workload("Pod", ["ghcr.io/acme/api:1.4"], name="api-2961-x", namespace="shop",
+                   annotations={ANNOTATION: INC})
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "batch/v1", "kind": "Job", "name": "api-2961",
+                                           "uid": "u", "controller": True}]
+    job_controller = "system:serviceaccount:kube-system:job-controller"
+    its_pod = decision.decide(admission.parse_review(review(pod, user=job_controller)), POLICY, None, NoRecords())
+    assert its_pod.allowed and its_pod.break_glass_reason == INC
+    by_hand = decision.decide(admission.parse_review(review(job, user=MALLORY)), POLICY, None, NoRecords())
+    assert not by_hand.allowed

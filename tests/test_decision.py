@@ -211,3 +211,37 @@ def test_tags_are_asked_with_the_digests_in_one_lookup_and_only_where_records_co
     decision.decide(request, policy.parse({"apiVersion": "promotion-gate.io/v1", "kind": "Policy"},
                                           base_dir=Path(".")), None, digest_only)
     assert digest_only.asked == []  # no environment, no records: nothing to ask
+
+
+DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"
+
+
+def _replica_set(owned: bool) -> dict:  # type: ignore[type-arg]
+    obj = workload("ReplicaSet", [IMAGE], name="api-7d9", namespace="shop")
+    if owned:
+        obj["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "api",
+                                               "uid": "u", "controller": True}]
+    return obj
+
+
+@pytest.mark.parametrize(("owned", "user", "judged"), [
+    (True, DEPLOYMENT_CONTROLLER, False),  # the Deployment was judged; the Pods will be
+    (True, "mallory@example.com", True),  # an ownerReference is anyone's to write
+    (False, DEPLOYMENT_CONTROLLER, True),
+])
+def test_an_object_a_trusted_controller_makes_for_its_owner_is_not_judged_again(owned: bool, user: str,
+                                                                                 judged: bool) -> None:
+    revoked = {"staging": PromotionStatus(Promotion.NOT_PROMOTED, detail="revoked", revoked_from="staging")}
+    request = admission.parse_review(review(_replica_set(owned), user=user))
+    result = decision.decide(request, POLICY, "staging", Records(revoked))
+    assert result.allowed is not judged
+    if not judged:
+        assert result.skipped == (f"ReplicaSet created by {DEPLOYMENT_CONTROLLER} for the workload that owns it; "
+                                  "its Pods are judged")
+    pod = workload("Pod", [IMAGE], name="api-7d9-x", namespace="shop")
+    pod["metadata"]["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-7d9",
+                                           "uid": "u", "controller": True}]
+    its_pod = decision.decide(admission.parse_review(review(pod, user="system:serviceaccount:kube-system:"
+                                                                       "replicaset-controller")),
+                              POLICY, "staging", Records(revoked))
+    assert its_pod.allowed is False  # the Pods are always judged

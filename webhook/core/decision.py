@@ -98,6 +98,14 @@ def decide(
             skipped=f"namespace {request.namespace} is exempt",
         )
 
+    if (kind.kind != "Pod" and workload.controlled and request.user.username in policy.break_glass_controllers
+            and request.operation == "CREATE"):
+        # A Deployment's ReplicaSet, a CronJob's Job: made by a trusted controller for the workload that
+        # owns it, which was judged when it was written. Its Pods are judged when they are created, so a
+        # revoked digest stops them there, with a FailedCreate event on this object that names the reason.
+        return _allowed(f"{kind.kind} created by {request.user.username} for the workload that owns it; its "
+                        "Pods are judged", subject=subject, environment=environment, mode=mode)
+
     candidates = workload.images
     old = None
     if request.operation == "UPDATE" and request.old_object is not None:

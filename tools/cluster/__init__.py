@@ -1,0 +1,1 @@
+"""A single-node Kubernetes cluster whose Pods run, built without Docker (``python -m tools.cluster``)."""
