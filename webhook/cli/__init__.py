@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from webhook.cli import audit, check, operator, records, server
+from webhook.cli import audit, check, operator, pin, records, server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -13,7 +13,7 @@ def main() -> None:
     """Admit only image digests that were promoted to the target environment."""
 
 
-for command in (server.certs, check.check, server.serve, *records.COMMANDS, audit.audit_group,
+for command in (server.certs, check.check, server.serve, *records.COMMANDS, pin.pin, audit.audit_group,
                 operator.operator_command):
     main.add_command(command)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -34,8 +35,10 @@ records = Table(
     Column("recorded_at", String(40), nullable=False),
     Column("submitted_by", String(256), nullable=False),
     Column("envelope", Text, nullable=False),
+    Column("built_as", String(128), nullable=True),  # the promotion's predicate.builtAs (migration 3)
     Index("records_by_digest_environment", "digest", "environment"),
     Index("records_by_repository", "repository"),
+    Index("records_by_repository_tag", "repository", "built_as"),
 )
 
 audit_events = Table(
@@ -94,4 +97,16 @@ def _v2_append_only(conn: Connection) -> None:
             "FOR EACH ROW EXECUTE FUNCTION promotion_gate_append_only()"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only]
+def _v3_built_as(conn: Connection) -> None:
+    # "Which digest was built as :abc123?" for admission's mutable-tag fix and for `pin`: the tag a
+    # promotion states, as a column with an index by repository. Migration 1 creates its tables from
+    # today's metadata, so a new store already has both; an older one gets them here. Rows stored
+    # before this keep NULL: no record could state a tag then.
+    inspector = sa.inspect(conn)
+    if "built_as" not in {c["name"] for c in inspector.get_columns("records")}:
+        conn.execute(text("ALTER TABLE records ADD COLUMN built_as VARCHAR(128)"))
+    if "records_by_repository_tag" not in {i["name"] for i in inspector.get_indexes("records")}:
+        conn.execute(text("CREATE INDEX records_by_repository_tag ON records (repository, built_as)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only, _v3_built_as]
