@@ -32,11 +32,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-# PostgreSQL server binaries (Debian's package) for the store tests; installed only when missing.
+# Debian packages the tests run for real, installed only when missing: PostgreSQL's server binaries
+# (the store tests), the distribution registry and skopeo (record against a registry; the tests start
+# the registry with a configuration of their own, never the package's service or default config).
 system-deps:
 	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
 	  echo "installing PostgreSQL (Debian package)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+	@missing=""; \
+	command -v docker-registry >/dev/null 2>&1 || missing="$$missing docker-registry"; \
+	command -v skopeo >/dev/null 2>&1 || missing="$$missing skopeo"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (Debian packages)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $$missing >/dev/null; \
 	fi
 
 # etcd, kube-apiserver, kubectl and helm built from Go modules into a cache outside the repository.

@@ -449,6 +449,10 @@ def test_reading_a_log_of_large_events_stays_in_bounded_memory(server_factory, k
                                   "read it with 'promotion-gate audit --store …'")
     traced = gate.get(f"/api/v1/trace/{TRACED}", headers=reader).json()
     assert len(traced["admissions"]) < 241 and traced["admissionsNext"] == traced["admissions"][-1]["seq"]
+    shown = cli("trace", TRACED, "--server", gate.url, "--token-file", str(kit.token_file("reader")), "--ca-file",
+                str(gate.ca))
+    count = len(traced["admissions"])
+    assert f"admissions: {count} (the first {count}; all of them: promotion-gate audit --image {TRACED})" in shown.stdout
     assert gate.peak_memory_kib() - before < 96 * 1024  # the whole log is 95 MiB; one answer holds 8 at most
 
     code, output, peak = peak_rss_kib("audit", "verify", "--store", store_url, "--key", public_key(kit))
@@ -514,11 +518,11 @@ def test_the_writer_refuses_an_event_no_server_should_write(kit: Kit, tmp_path: 
 
 
 def test_a_log_written_before_chained_checkpoints_still_verifies_and_goes_on(kit: Kit, store_url: str) -> None:
-    # A version-2 database: events and one unchained checkpoint, as the earlier release wrote them.
+    # A version-3 database: events and one unchained checkpoint, as the earlier release wrote them.
     store = open_store(store_url)
     with store.write_engine.begin() as conn:
         schema.schema_version.create(conn)
-        for version, migration in enumerate(schema.MIGRATIONS[:2], start=1):
+        for version, migration in enumerate(schema.MIGRATIONS[:3], start=1):
             migration(conn)
             conn.execute(schema.schema_version.insert().values(version=version))
         prev = GENESIS

@@ -37,7 +37,7 @@ def test_certs_are_made_once(tmp_path: Path) -> None:
 def test_local_store_history_promote_and_audit_messages(tmp_path: Path) -> None:
     kit = make_kit(tmp_path / "kit")
     local = ["--store", f"sqlite:///{tmp_path / 's.db'}", "--policy", str(kit.policy_path)]
-    recorded = cli("record", IMAGE, "--env", "ci", "--git-commit", "c0ffee", "--ci-run", "7", "--tests-passed", "3",
+    recorded = cli("record", IMAGE, "--no-registry", "--env", "ci", "--git-commit", "c0ffee", "--ci-run", "7", "--tests-passed", "3",
                    "--tests-failed", "0", "--scan-critical", "0", "--scan-high", "0", "--key", str(kit.key("ci")),
                    "--by", "ci-bot", *local)
     assert recorded.returncode == 0, recorded.stderr
@@ -48,9 +48,13 @@ def test_local_store_history_promote_and_audit_messages(tmp_path: Path) -> None:
     assert "Invalid value for --to: no environment \"qa\" (defined: ci, staging, production)" in unknown.stderr
 
     history = cli("history", REPOSITORY, *local)
-    (line,) = history.stdout.splitlines()
+    line, *custody = history.stdout.splitlines()
     assert line.startswith("#1 ")
     assert line.endswith(f" {REPOSITORY}@{DIGEST} -> ci by ci-bot (record {record_id[:12]})")
+    ci_key = kit.signing_key("ci").key_id
+    assert custody == ["      source: git commit c0ffee, CI run 7", "      not confirmed by image labels",
+                       "      tests: 3 passed, 0 failed", "      scan: critical 0, high 0",
+                       f"      signed by: ci ({ci_key[:12]})"]
     assert cli("history", "ghcr.io/acme/unknown", *local).stdout == "no records for ghcr.io/acme/unknown\n"
 
     checkpoint = cli("audit", "checkpoint", "--store", local[1], "--key", str(kit.key("release")))

@@ -11,17 +11,23 @@ from tools.reviews import DIGEST, review, workload
 from webhook import policy_file as policy
 from webhook.core import decision
 from webhook.core import review as admission
-from webhook.core.promotion import Promotion, PromotionStatus, Subject
+from webhook.core.promotion import Lookup, Promotion, PromotionStatus, Subject, TagPromotion, TagSubject
 
 
 class Records:
     """The store's answers, fixed per test: the core's input, not a stand-in for the store."""
 
-    def __init__(self, answers: dict[str, PromotionStatus]) -> None:
+    def __init__(self, answers: dict[str, PromotionStatus],
+                 tags: Mapping[str, Mapping[TagSubject, TagPromotion]] | None = None) -> None:
         self.answers = answers
+        self.tags = tags or {}
+        self.asked: list[tuple[tuple[Subject, ...], tuple[TagSubject, ...]]] = []
 
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        return {s: self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED)) for s in subjects}
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        self.asked.append((tuple(subjects), tuple(tags)))
+        known = self.tags.get(environment, {})
+        return Lookup({s: self.answers.get(environment, PromotionStatus(Promotion.NOT_PROMOTED)) for s in subjects},
+                      {t: known[t] for t in tags if t in known})
 
 
 POLICY = policy.parse({
@@ -155,6 +161,56 @@ def test_admission_matches_kinds_by_group_and_kind(group: str, kind: str, messag
         assert (result.allowed, result.skipped) == (True, f"{group}/{kind} is not a workload kind")
     else:
         assert (result.allowed, result.message) == (False, message)
+
+
+PROMOTED = "sha256:f8a2" + "c0ffee" * 10
+TAGS = {"staging": {("ghcr.io/acme/payment-api", "abc123"): TagPromotion(digest=PROMOTED, built=(PROMOTED,)),
+                    ("ghcr.io/acme/payment-api", "old"): TagPromotion(built=("sha256:" + "d" * 64,))},
+        "production": {("ghcr.io/acme/payment-api", "abc123"): TagPromotion(digest=PROMOTED, built=(PROMOTED,))}}
+
+
+@pytest.mark.parametrize(("image", "environment", "message"), [
+    ("ghcr.io/acme/payment-api:abc123", "staging",
+     '[mutable-tag] Pod shop/p spec.containers[0] "c0": image "ghcr.io/acme/payment-api:abc123" is a mutable tag; '
+     f"the digest promoted to staging for :abc123 is ghcr.io/acme/payment-api@{PROMOTED}"),
+    # built as :old, but not promoted to staging: no fix is offered, only the rule
+    ("ghcr.io/acme/payment-api:old", "staging",
+     '[mutable-tag] Pod shop/p spec.containers[0] "c0": image "ghcr.io/acme/payment-api:old" is a mutable tag; '
+     "deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>"),
+    # the records' answer is for another environment: this namespace's environment decides
+    ("ghcr.io/acme/payment-api:abc123", "ci",
+     '[mutable-tag] Pod shop/p spec.containers[0] "c0": image "ghcr.io/acme/payment-api:abc123" is a mutable tag; '
+     "deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>"),
+])
+def test_a_mutable_tag_denial_names_the_promoted_digest(image: str, environment: str, message: str) -> None:
+    request = admission.parse_review(review(workload("Pod", [image], name="p", namespace="shop")))
+    result = decision.decide(request, POLICY, environment, Records({}, TAGS))
+    assert (result.allowed, result.message) == (False, message)
+
+
+def test_the_warning_keeps_the_promoted_digest_within_120_characters() -> None:
+    request = admission.parse_review(review(workload("Pod", ["ghcr.io/acme/payment-api:abc123"], name="p",
+                                                     namespace="shop")))
+    result = decision.decide(request, POLICY, "production", Records({}, TAGS))  # production is in warn mode
+    assert result.allowed is True
+    assert result.warnings == (
+        '[mutable-tag] "c0": mutable tag; promoted to production for :abc123: ghcr.io/acme/payment-api@sha256:'
+        "f8a2c0ffeec0ffeec0…",)
+    assert len(result.warnings[0]) == 120
+
+
+def test_tags_are_asked_with_the_digests_in_one_lookup_and_only_where_records_count() -> None:
+    images = ["ghcr.io/acme/payment-api:abc123", IMAGE, "ghcr.io/acme/tool:1", "busybox"]
+    request = admission.parse_review(review(workload("Pod", images, name="p", namespace="shop")))
+    records = Records({})
+    decision.decide(request, POLICY, "staging", records)
+    assert records.asked == [((("ghcr.io/acme/api", DIGEST),),
+                              (("ghcr.io/acme/payment-api", "abc123"), ("ghcr.io/acme/tool", "1"),
+                               ("docker.io/library/busybox", "latest")))]
+    digest_only = Records({})
+    decision.decide(request, policy.parse({"apiVersion": "promotion-gate.io/v1", "kind": "Policy"},
+                                          base_dir=Path(".")), None, digest_only)
+    assert digest_only.asked == []  # no environment, no records: nothing to ask
 
 
 DEPLOYMENT_CONTROLLER = "system:serviceaccount:kube-system:deployment-controller"

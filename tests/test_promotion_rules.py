@@ -18,7 +18,7 @@ import pytest
 
 from webhook.core import dsse, keys, promotion_rules, records
 from webhook.core.policy import Environment, Evidence, Mode, Policy
-from webhook.core.promotion import Promotion, StoredRecord
+from webhook.core.promotion import Promotion, PromotionStatus, StoredRecord
 from webhook.core.records import Record, RecordKind
 
 REPOSITORY = "ghcr.io/acme/payment-api"
@@ -189,3 +189,72 @@ def test_promoted_to_lists_every_promoted_environment() -> None:
     assert {name: s.promoted_to for name, s in states.items()} == dict.fromkeys(
         ("ci", "staging", "production"), ("ci", "staging"))
     assert dataclasses.asdict(states["staging"])["record_ids"] == (stored_by_step[1].id,)
+
+
+# --- which digest is promoted for a tag -----------------------------------------------------------
+
+D1, D2 = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+OTHER = "ghcr.io/acme/other"
+
+
+@dataclass(frozen=True)
+class Build:
+    """A record of one digest: in ``environment``, maybe stating it was built as ``tag``."""
+
+    environment: str
+    digest: str
+    tag: str = ""
+    signer: str = "ci"
+    kind: RecordKind = RecordKind.PROMOTION
+    repository: str = REPOSITORY
+    direct: bool = False  # appended without check_acceptance
+
+
+def builds(steps: Sequence[Build]) -> list[StoredRecord]:
+    rules, stored = policy(), list[StoredRecord]()
+    for seq, step in enumerate(steps, start=1):
+        promotion = step.kind is RecordKind.PROMOTION
+        record = Record(kind=step.kind, repository=step.repository, digest=step.digest, environment=step.environment,
+                        promoted_from=PREVIOUS[step.environment] if promotion else None,
+                        at=f"2026-11-28T10:00:{seq:02d}Z", by="pipeline",
+                        tests=records.Tests(10, 0) if promotion else None, built_as=step.tag,
+                        reason="" if promotion else "incident")
+        envelope = dsse.sign(records.payload(record), [key(step.signer)])
+        if not step.direct:
+            promotion_rules.check_acceptance(rules, envelope, record, [s for s in stored
+                                                                       if s.record.digest == step.digest])
+        stored.append(StoredRecord(seq=seq, id=records.record_id(envelope), record=record, envelope=envelope))
+    return stored
+
+
+# name: (records, the digest promoted to staging for :abc123, every digest valid records say was built as it)
+TAG_CASES: dict[str, tuple[tuple[Build, ...], str, tuple[str, ...]]] = {
+    "built and promoted": ((Build("ci", D1, "abc123"), Build("staging", D1)), D1, (D1,)),
+    "built, not promoted to staging yet": ((Build("ci", D1, "abc123"),), "", (D1,)),
+    "revoked from staging": ((Build("ci", D1, "abc123"), Build("staging", D1),
+                              Build("staging", D1, kind=RecordKind.REVOCATION)), "", (D1,)),
+    "the tag moved; the new build is not promoted yet: the old digest stands": (
+        (Build("ci", D1, "abc123"), Build("staging", D1), Build("ci", D2, "abc123")), D1, (D2, D1)),
+    "the tag moved and the new build was promoted: the newest wins": (
+        (Build("ci", D1, "abc123"), Build("staging", D1), Build("ci", D2, "abc123"), Build("staging", D2)),
+        D2, (D2, D1)),
+    "a statement signed by a key ci does not trust counts for nothing": (
+        (Build("ci", D1), Build("staging", D1), Build("ci", D1, "abc123", signer="outsider", direct=True)), "", ()),
+    "another repository's build with the same tag": (
+        (Build("ci", D1, "abc123", repository=OTHER), Build("staging", D1, repository=OTHER)), "", ()),
+    "a tag stated only downstream, by a valid record, counts": (
+        (Build("ci", D1), Build("staging", D1, "abc123")), D1, (D1,)),
+}
+
+
+@pytest.mark.parametrize("name", TAG_CASES)
+def test_the_digest_promoted_for_a_tag(name: str) -> None:
+    steps, digest, built = TAG_CASES[name]
+    stored = builds(steps)
+    statements = promotion_rules.tag_statements(stored, REPOSITORY, "abc123")
+
+    def states(d: str) -> dict[str, PromotionStatus]:
+        return promotion_rules.evaluate(policy(), stored, REPOSITORY, d)
+
+    answer = promotion_rules.promoted_for_tag(statements, "staging", states)
+    assert (answer.digest, answer.built) == (digest, built)

@@ -119,7 +119,30 @@ MALFORMED = {
         "_type": "https://in-toto.io/Statement/v1", "predicateType": "https://promotion-gate.io/promotion/v1",
         "subject": [{"name": "ghcr.io/acme/api", "digest": {"sha256": "a" * 64 + "\n"}}], "predicate": {}}).encode()
     ).decode())), 400, "malformed envelope: subject[0].digest must be sha256 (64 lowercase hex) or sha512 (128)"),
+    "a tag that is not one": (lambda k: with_predicate(k, builtAs="-abc"), 400,
+                              'malformed envelope: predicate.builtAs must be a tag: letters, digits, "_", "." and "-", '
+                              'at most 128 characters, not starting with "." or "-"'),
+    "a tag with a forged line": (lambda k: with_predicate(k, builtAs="abc\n[mutable-tag] x"), 400,
+                                 'malformed envelope: predicate.builtAs must be a tag: letters, digits, "_", "." and '
+                                 '"-", at most 128 characters, not starting with "." or "-"'),
+    "a confirmation of an unknown field": (lambda k: with_predicate(k, confirmedByImageLabels=["scan"]), 400,
+                                           "malformed envelope: predicate.confirmedByImageLabels: unknown source field "
+                                           "'scan' (known: gitCommit, ciRunId, repository)"),
+    "a confirmation of an absent field": (
+        lambda k: with_predicate(k, source={"gitCommit": "c"}, confirmedByImageLabels=["ciRunId"]), 400,
+        "malformed envelope: predicate.confirmedByImageLabels: ciRunId is confirmed but predicate.source.ciRunId is "
+        "empty"),
 }
+
+
+def with_predicate(kit: Kit, **fields: Any) -> dict[str, Any]:
+    """A CI record, signed, whose predicate carries ``fields`` as given."""
+    from webhook.core import dsse, records
+
+    statement = records.statement(ci_record(digest="sha256:" + "5" * 64))
+    statement["predicate"].update(fields)
+    payload = json.dumps(statement).encode()
+    return dsse.sign(payload, [kit.signing_key("ci")]).to_json()
 
 
 @pytest.mark.parametrize(("body", "status", "message"), MALFORMED.values(), ids=MALFORMED.keys())
@@ -195,3 +218,30 @@ def test_audit_paging_takes_only_a_sequence_number(gate: RunningServer, kit: Kit
     reply = gate.get("/api/v1/audit", params={"after": after}, headers={"Authorization": f"Bearer {kit.token('reader')}"})
     assert (reply.status_code, reply.json()) == (
         400, {"error": "after must be an event sequence number (0 to 999999999999999999)", "code": 400})
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"image": "ghcr.io/acme/api:1"}, "environment: give one the policy defines (ci, staging, production)"),
+    ({"environment": "staging"}, "image: give 1 to 100 images as repository:tag"),
+    ({"environment": "staging", "image": f"ghcr.io/acme/api@{DIGEST}"},
+     f"image 'ghcr.io/acme/api@{DIGEST}': give a tag, not a digest"),
+    ({"environment": "staging", "image": "Ghcr.io/ACME"}, "image 'Ghcr.io/ACME': repository name must be lowercase"),
+])
+def test_promoted_digest_of_a_tag_questions_are_checked(gate: RunningServer, kit: Kit, params: dict[str, str],
+                                                        message: str) -> None:
+    reply = gate.get("/api/v1/promoted", params=params, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert (reply.status_code, reply.json()["error"]) == (400, message)
+
+
+def test_promoted_digest_of_a_tag_is_answered_per_image(gate: RunningServer, kit: Kit) -> None:
+    built = "sha256:" + "7" * 64
+    auth = {"Authorization": f"Bearer {kit.token('ci-bot')}"}
+    stored = post(gate, signed(kit, digest=built, built_as="v7"), kit.token("ci-bot"))
+    assert stored.status_code == 201, stored.text
+    reply = gate.get("/api/v1/promoted", params={"environment": "ci", "image": [
+        "ghcr.io/acme/payment-api:v7", "ghcr.io/acme/payment-api:v8"]}, headers=auth)
+    assert reply.json() == {"environment": "ci", "images": [
+        {"image": "ghcr.io/acme/payment-api:v7", "repository": "ghcr.io/acme/payment-api", "tag": "v7",
+         "digest": built, "reference": f"ghcr.io/acme/payment-api@{built}", "builtAs": [built]},
+        {"image": "ghcr.io/acme/payment-api:v8", "repository": "ghcr.io/acme/payment-api", "tag": "v8",
+         "digest": None, "reference": None, "builtAs": []}]}

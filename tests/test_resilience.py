@@ -31,7 +31,7 @@ def test_slow_store_fails_closed_unless_a_fresh_verdict_is_cached(server_factory
     kit.policy_path.write_text(yaml.safe_dump(document))
     url = postgres.create_database("slow_store")
     gate = server_factory(policy=kit.policy_path.read_text(), store=url)
-    assert cli("record", IMAGE, "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
+    assert cli("record", IMAGE, "--no-registry", "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
                "--tests-failed", "0", "--scan-critical", "0", "--scan-high", "0", "--key", str(kit.key("ci")),
                *remote(gate, kit, "ci-bot")).returncode == 0
 
@@ -49,8 +49,14 @@ def test_slow_store_fails_closed_unless_a_fresh_verdict_is_cached(server_factory
         started = time.monotonic()
         cached = admit("payments-ci")
         uncached = admit("payments-staging")
+        tag = gate.post("/validate", json=review(workload("Pod", ["ghcr.io/acme/payment-api:1.4"], name="api",
+                                                          namespace="payments-ci"))).json()["response"]
         elapsed = time.monotonic() - started
         blocker.rollback()
+    # The promoted digest of a tag is a hint: without the store, the plain denial stands, within the deadline.
+    assert tag["status"]["message"] == (
+        '[mutable-tag] Pod payments-ci/api spec.containers[0] "c0": image "ghcr.io/acme/payment-api:1.4" is a mutable '
+        "tag; deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>")
     assert cached["allowed"] is True
     assert uncached["allowed"] is False
     assert uncached["status"]["message"] == (
@@ -59,7 +65,7 @@ def test_slow_store_fails_closed_unless_a_fresh_verdict_is_cached(server_factory
     assert elapsed < 5  # answered within the deadline, well under the webhook timeout
     metrics = gate.get("/metrics").text
     assert 'promotion_gate_verdict_cache_total{result="stale-served"} 1.0' in metrics
-    assert 'promotion_gate_store_errors_total{operation="lookup"} 2.0' in metrics
+    assert 'promotion_gate_store_errors_total{operation="lookup"} 3.0' in metrics
 
 
 def _serving_ca(server: RunningServer, cafile: Path) -> bool:

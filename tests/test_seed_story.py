@@ -36,7 +36,7 @@ def admit(gate: RunningServer, namespace: str, image: str = IMAGE) -> dict:  # t
 
 
 def test_seed_story(gate: RunningServer, kit: Kit) -> None:
-    built = cli("record", IMAGE, "--env", "ci", "--git-commit", "4f2c9e1", "--git-repository",
+    built = cli("record", IMAGE, "--no-registry", "--env", "ci", "--git-commit", "4f2c9e1", "--git-repository",
                 "github.com/acme/payment-api", "--ci-run", "8812", "--ci-run-url", "https://ci.example/run/8812",
                 "--tests-passed", "120", "--tests-failed", "0", "--scanner", "trivy", "--scan-critical", "0",
                 "--scan-high", "0", "--key", str(kit.key("ci")), "--by", "ci-bot", *remote(gate, kit, "ci-bot"))
@@ -94,19 +94,24 @@ def test_seed_story(gate: RunningServer, kit: Kit) -> None:
 
 
 def test_tag_is_refused_with_how_to_get_the_digest(gate: RunningServer, kit: Kit) -> None:
-    result = cli("record", "ghcr.io/acme/payment-api:1.4", "--env", "ci", "--key", str(kit.key("ci")),
-                 *remote(gate, kit, "ci-bot"))
-    assert result.returncode == 2
+    promoted = cli("promote", "ghcr.io/acme/payment-api:1.4", "--to", "staging", "--key", str(kit.key("ci")),
+                   *remote(gate, kit, "ci-bot"))
+    assert promoted.returncode == 2
     assert ('"ghcr.io/acme/payment-api:1.4" is a tag, not a digest; records are about one immutable build. Get its '
             "digest with 'crane digest ghcr.io/acme/payment-api:1.4' or 'docker buildx imagetools inspect "
             "ghcr.io/acme/payment-api:1.4', then use ghcr.io/acme/payment-api@sha256:<digest>") in " ".join(
-                result.stderr.split())
+                promoted.stderr.split())
+    offline = cli("record", "ghcr.io/acme/payment-api:1.4", "--no-registry", "--env", "ci", "--key",
+                  str(kit.key("ci")), *remote(gate, kit, "ci-bot"))
+    assert offline.returncode == 2
+    assert ('"ghcr.io/acme/payment-api:1.4" is a tag; only the registry can resolve it to a digest: drop '
+            "--no-registry, or give IMAGE by digest (REPO@sha256:…)") in " ".join(offline.stderr.split())
 
 
 def test_acknowledged_record_survives_a_crash(server_factory, kit: Kit, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     url = f"sqlite:///{tmp_path / 'durable.db'}"
     gate = server_factory(policy=kit.policy_path.read_text(), store=url)
-    result = cli("record", IMAGE, "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
+    result = cli("record", IMAGE, "--no-registry", "--env", "ci", "--git-commit", "c", "--ci-run", "1", "--tests-passed", "1",
                  "--tests-failed", "0", "--scan-critical", "0", "--scan-high", "0", "--key", str(kit.key("ci")),
                  *remote(gate, kit, "ci-bot"))
     assert result.returncode == 0, result.stderr
@@ -122,7 +127,7 @@ def test_a_revocation_upstream_is_not_undone_by_a_lower_trust_key(gate: RunningS
     ci_evidence = ["--git-commit", "c", "--ci-run", "1", "--tests-passed", "1", "--tests-failed", "0",
                    "--scan-critical", "0", "--scan-high", "0"]
     steps = [
-        ("record", IMAGE, "--env", "ci", *ci_evidence, "--key", str(kit.key("ci")), *remote(gate, kit, "ci-bot")),
+        ("record", IMAGE, "--no-registry", "--env", "ci", *ci_evidence, "--key", str(kit.key("ci")), *remote(gate, kit, "ci-bot")),
         ("promote", IMAGE, "--to", "staging", "--key", str(kit.key("ci")), *remote(gate, kit, "ci-bot")),
         ("promote", IMAGE, "--to", "production", "--key", str(kit.key("release")), "--key",
          str(kit.key("approver-a")), *remote(gate, kit, "release-bot")),

@@ -17,7 +17,7 @@ from webhook.core import dsse, promotion_rules, records
 from webhook.core.policy import Policy
 from webhook.core.promotion import Promotion, StoredRecord
 from webhook.core.records import RecordKind, SignedRecord
-from webhook.store import DuplicateRecord, SqlStore, open_store
+from webhook.store import DuplicateRecord, SqlStore, open_store, schema
 
 
 @pytest.fixture
@@ -193,10 +193,57 @@ def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> N
 
 def test_migrations_are_idempotent(store_url: str) -> None:
     first = open_store(store_url)
-    assert first.migrate() == first.migrate() == 3
+    assert first.migrate() == first.migrate() == 4
     with first.engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).scalars().all()
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
+
+
+def _shipped_records_table() -> sa.Table:
+    """The records table as migrations 1 and 2 created it in stores made before migration 3."""
+    return sa.Table(
+        "records", sa.MetaData(),
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+        sa.Column("id", sa.String(64), nullable=False, unique=True),
+        sa.Column("kind", sa.String(16), nullable=False), sa.Column("repository", sa.String(512), nullable=False),
+        sa.Column("digest", sa.String(140), nullable=False), sa.Column("environment", sa.String(63), nullable=False),
+        sa.Column("recorded_at", sa.String(40), nullable=False),
+        sa.Column("submitted_by", sa.String(256), nullable=False), sa.Column("envelope", sa.Text, nullable=False))
+
+
+def test_a_store_made_before_tags_gets_them_and_keeps_its_records(store_url: str, kit: Kit) -> None:
+    old = open_store(store_url)
+    record = ci_record()
+    with old.write_engine.begin() as conn:
+        _shipped_records_table().create(conn)
+        for table in (schema.audit_events, schema.audit_images, schema.audit_checkpoints):  # as migration 1 made them
+            table.create(conn)
+        conn.execute(sa.text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
+        conn.execute(sa.text("INSERT INTO schema_version VALUES (1), (2)"))
+        signed = SignedRecord(envelope(kit, record, "ci"), record)
+        conn.execute(_shipped_records_table().insert().values(
+            id=signed.id, kind="promotion", repository=REPOSITORY, digest=DIGEST, environment="ci",
+            recorded_at="2026-11-25T10:00:00Z", submitted_by="ci-bot", envelope=signed.envelope.dumps()))
+    assert old.migrate() == 4
+    tagged = ci_record(digest="sha256:" + "b" * 64, built_as="abc123")
+    add(old, kit, tagged, "ci")
+    found = old.records_for_subjects([DIGEST], [(REPOSITORY, "abc123")])
+    assert {digest: [s.record.built_as for s in stored] for digest, stored in found.items()} == {
+        DIGEST: [""], "sha256:" + "b" * 64: ["abc123"]}
+
+
+def test_tags_are_looked_up_with_the_digests_in_one_query(store: SqlStore, kit: Kit) -> None:
+    """The newest builds of a tag come back with every record of their digests; older builds do not."""
+    builds = [f"sha256:{n:064x}" for n in range(1, 5)]
+    for digest in builds:
+        add(store, kit, ci_record(digest=digest, built_as="latest"), "ci")
+    add(store, kit, staging(digest=builds[0]), "ci")
+    add(store, kit, ci_record(digest=DIGEST), "ci")
+    found = store.records_for_subjects([DIGEST], [(REPOSITORY, "latest")], builds_per_tag=2)
+    assert {d: [s.record.environment for s in stored] for d, stored in found.items()} == {
+        DIGEST: ["ci"], builds[3]: ["ci"], builds[2]: ["ci"]}
+    older = store.records_for_subjects([], [(REPOSITORY, "latest"), ("ghcr.io/acme/other", "latest")])
+    assert sorted(older) == builds and [s.record.environment for s in older[builds[0]]] == ["ci", "staging"]
 
 
 def test_lookup_by_digest_and_environment_is_indexed(store: SqlStore) -> None:
@@ -209,6 +256,17 @@ def test_lookup_by_digest_and_environment_is_indexed(store: SqlStore) -> None:
             plan = " ".join(str(r) for r in conn.execute(sa.text(
                 "EXPLAIN SELECT * FROM records WHERE digest = 'x'")))
     assert "records_by_digest_environment" in plan
+
+
+def test_lookup_by_repository_and_tag_is_indexed(store: SqlStore) -> None:
+    query = "SELECT digest FROM records WHERE repository = 'r' AND built_as = 't' ORDER BY seq DESC LIMIT 16"
+    with store.engine.connect() as conn:
+        if store.dialect == "sqlite":
+            plan = " ".join(str(r) for r in conn.execute(sa.text(f"EXPLAIN QUERY PLAN {query}")))
+        else:
+            conn.execute(sa.text("SET enable_seqscan = off"))
+            plan = " ".join(str(r) for r in conn.execute(sa.text(f"EXPLAIN {query}")))
+    assert "records_by_repository_tag" in plan
 
 
 def test_envelope_verifies_with_securesystemslib(kit: Kit) -> None:

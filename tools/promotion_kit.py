@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ def envelope(kit: Kit, record: records.Record, *signers: str) -> dsse.Envelope:
     return dsse.sign(records.payload(record), [kit.signing_key(s) for s in signers])
 
 
-def cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, stdin: str | None = None, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "webhook.cli", *args], capture_output=True, text=True,
-                          input=stdin, cwd=cwd, timeout=120)
+                          input=stdin, cwd=cwd, timeout=120, env=None if env is None else {**os.environ, **env})

@@ -7,14 +7,15 @@ its own callers (a status code, an exit code, a Promotion's phase).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from webhook.core import promotion_rules, references
+from webhook.core import dsse, promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
-from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.core.promotion import Lookup, Promotion, PromotionStatus, StoredRecord, Subject, TagPromotion, TagSubject
 from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id, unpaired_surrogate
 from webhook.store.errors import DuplicateRecord
 from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditPage, AuditQuery, SqlStore
@@ -64,6 +65,16 @@ class Forbidden:
 
 SubmitOutcome = Stored | Duplicate | Refused | Malformed | Forbidden
 
+
+@dataclass(frozen=True)
+class Signer:
+    """One signature of a record, as a person reads it: the key, the policy's name for it, and whether
+    the signature verifies with that key (an envelope's ``keyid`` alone is only a claim)."""
+
+    key_id: str
+    name: str  # "" when the policy names no key with this id
+    verified: bool
+
 EXPECTABLE = ("digest", "environment", "repository")
 
 
@@ -75,6 +86,7 @@ class Trace:
     records: tuple[StoredRecord, ...]
     states: Mapping[str, Mapping[str, PromotionStatus]]  # repository -> environment -> state
     admissions: AuditPage = field(default_factory=lambda: AuditPage([], None))
+    signers: Mapping[str, tuple[Signer, ...]] = field(default_factory=dict)  # record id -> its signers
 
     @property
     def promotions(self) -> tuple[StoredRecord, ...]:
@@ -139,6 +151,36 @@ class Ledger:
         return promotion_rules.evaluate(self.policy, self.store.records_for_digest(ref.digest), ref.repository,
                                         ref.digest)
 
+    def signers(self, stored: StoredRecord) -> tuple[Signer, ...]:
+        """Who signed a record: the policy's keys whose signatures verify, then the other key ids claimed."""
+        verified = dsse.verified_key_ids(stored.envelope, self.policy.named_keys.values())
+        found = [Signer(k, self.policy.key_name(k), True) for k in sorted(verified)]
+        for claimed in dict.fromkeys(s.keyid for s in stored.envelope.signatures):
+            if claimed not in verified:
+                found.append(Signer(claimed, "", False))
+        return tuple(found)
+
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        """Admission's two questions, answered from one query as admission answers them (``check``, ``pin``)."""
+        stored = self.store.records_for_subjects([digest for _, digest in subjects], tags)
+        evaluated: dict[Subject, dict[str, PromotionStatus]] = {}
+
+        def states(repository: str, digest: str) -> dict[str, PromotionStatus]:
+            if (repository, digest) not in evaluated:
+                evaluated[(repository, digest)] = promotion_rules.evaluate(self.policy, stored.get(digest, []),
+                                                                            repository, digest)
+            return evaluated[(repository, digest)]
+
+        statuses = {(r, d): states(r, d).get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
+                    for r, d in subjects}
+        every = [s for found in stored.values() for s in found]
+        answers: dict[TagSubject, TagPromotion] = {}
+        for repository, tag in tags:
+            statements = promotion_rules.tag_statements(every, repository, tag)
+            answers[(repository, tag)] = promotion_rules.promoted_for_tag(
+                statements, environment, functools.partial(states, repository))
+        return Lookup(statuses, answers)
+
     def trace(self, digest: str, *, max_event_chars: int | None = MAX_EVENT_READ_CHARS) -> Trace:
         """Records, states and the admissions that named the digest (at most MAX_ADMISSIONS of them and
         MAX_ADMISSION_CHARS of event text: ``admissions.next`` says where the rest continues)."""
@@ -149,7 +191,7 @@ class Ledger:
                   for repository in sorted({s.record.repository for s in stored})}
         admissions = self.store.audit_page(AuditQuery(digest=digest), limit=MAX_ADMISSIONS,
                                            max_chars=MAX_ADMISSION_CHARS, max_event_chars=max_event_chars)
-        return Trace(digest, tuple(stored), states, admissions)
+        return Trace(digest, tuple(stored), states, admissions, {s.id: self.signers(s) for s in stored})
 
     def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
              limit: int = 100, after: int = 0) -> list[StoredRecord]:

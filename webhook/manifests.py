@@ -31,6 +31,8 @@ _SEPARATOR = re.compile(r"^---(?:[ \t]+(?P<rest>.*))?$")
 # Helm's template actions; Go templates in plain strings ({{inputs.parameters.x}} in Argo) do not match.
 _HELM = re.compile(r"\{\{-?\s*(?:\.Values|\.Release|\.Chart|\.Capabilities|\.Files|include\s|template\s|if\s|"
                    r"else|end\b|range\s|with\s|define\s|toYaml|/\*)")
+SEPARATOR = _SEPARATOR  # for `pin`, which splits documents the same way
+HELM_ACTIONS = _HELM
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
          (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
 

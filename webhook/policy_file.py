@@ -122,6 +122,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
                     min_tests_passed=evidence.get("minTestsPassed"),
                     max_scan_findings=dict(evidence.get("maxScanFindings") or {}),
                     require_source=evidence.get("requireSource", False),
+                    require_image_labels=evidence.get("requireImageLabels", False),
                 ),
             )
         )
@@ -199,6 +200,7 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         api_open_reads=api.get("openReads", False),
         api_tokens=api_tokens,
         workload_kinds=(*BUILT_IN_KINDS, *kinds),
+        named_keys=key_table,
         digest=hashlib.sha256(canonical).hexdigest(),
     )
 

@@ -10,15 +10,24 @@ import orjson
 
 from webhook import ledger
 from webhook.core import records
-from webhook.core.promotion import PromotionStatus, StoredRecord
+from webhook.core.promotion import PromotionStatus, StoredRecord, TagPromotion
 from webhook.ledger import Trace
 from webhook.store.sql import MAX_EVENT_READ_CHARS, MAX_LOCAL_EVENT_CHARS, AuditHit, AuditPage
 
 
-def stored_json(stored: StoredRecord, *, with_envelope: bool = True) -> dict[str, Any]:
+def signer_json(signer: ledger.Signer) -> dict[str, Any]:
+    return {"keyId": signer.key_id, "name": signer.name or None, "verified": signer.verified}
+
+
+def stored_json(stored: StoredRecord, *, with_envelope: bool = True,
+                signers: tuple[ledger.Signer, ...] | None = None) -> dict[str, Any]:
+    """A stored record. ``signers`` (the policy's names for the keys that verify) become ``signedBy``;
+    ``signers`` stays the key ids as written in the envelope."""
     data: dict[str, Any] = {"id": stored.id, "seq": stored.seq, "storedAt": stored.stored_at,
                             "submittedBy": stored.submitted_by, **records.record_json(stored.record),
                             "signers": [s.keyid for s in stored.envelope.signatures]}
+    if signers is not None:
+        data["signedBy"] = [signer_json(s) for s in signers]
     if with_envelope:
         data["envelope"] = stored.envelope.to_json()
     return data
@@ -29,6 +38,20 @@ def status_json(repository: str, digest: str, states: Mapping[str, PromotionStat
     return {"repository": repository, "digest": digest, "states": {
         env: {"state": s.state.value, "records": list(s.record_ids), "promotedTo": list(s.promoted_to),
               "detail": s.detail, "revokedFrom": s.revoked_from} for env, s in states.items()}}
+
+
+def tag_promotion_json(repository: str, tag: str, answer: TagPromotion) -> dict[str, Any]:
+    """``GET /promoted``: the digest promoted to an environment for one tag, and every digest built as it."""
+    return {"image": f"{repository}:{tag}", "repository": repository, "tag": tag, "digest": answer.digest or None,
+            "reference": f"{repository}@{answer.digest}" if answer.digest else None, "builtAs": list(answer.built)}
+
+
+def tag_promotion_of(data: Mapping[str, Any]) -> TagPromotion:
+    """The inverse of :func:`tag_promotion_json`, for clients of the API."""
+    digest = data.get("digest")
+    built = data.get("builtAs") or []
+    return TagPromotion(digest=digest if isinstance(digest, str) else "",
+                        built=tuple(b for b in built if isinstance(b, str)) if isinstance(built, list) else ())
 
 
 def omitted_event(hit: AuditHit, limit: int, hint: str) -> dict[str, Any]:
@@ -58,8 +81,9 @@ def event_bytes(hit: AuditHit) -> bytes:
 def _trace_head(trace: Trace) -> dict[str, Any]:
     return {
         "digest": trace.digest,
-        "records": [stored_json(s, with_envelope=False) for s in trace.promotions],
-        "revocations": [stored_json(s, with_envelope=False) for s in trace.revocations],
+        "records": [stored_json(s, with_envelope=False, signers=trace.signers.get(s.id)) for s in trace.promotions],
+        "revocations": [stored_json(s, with_envelope=False, signers=trace.signers.get(s.id))
+                        for s in trace.revocations],
         "states": {repository: {env: {"state": s.state.value, "records": list(s.record_ids), "detail": s.detail,
                                       "revokedFrom": s.revoked_from}
                                 for env, s in states.items()}

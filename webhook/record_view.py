@@ -23,7 +23,15 @@ from cachetools import LRUCache
 
 from webhook.core import promotion_rules
 from webhook.core.policy import Environment, Policy
-from webhook.core.promotion import NOT_PROMOTED, Promotion, PromotionStatus, StoredRecord, Subject
+from webhook.core.promotion import (
+    NOT_PROMOTED,
+    Lookup,
+    Promotion,
+    PromotionStatus,
+    StoredRecord,
+    Subject,
+    TagSubject,
+)
 from webhook.metrics import Metrics
 from webhook.store.errors import StoreError
 from webhook.store.sql import SqlStore
@@ -32,6 +40,9 @@ VERIFIED_CACHE_SIZE = 100_000
 # (record version, states per environment, environments admission has answered for)
 Entry = tuple[int, dict[str, PromotionStatus], set[str]]
 VERDICT_CACHE_SIZE = 50_000
+# (record version, the records that state a digest was built as the tag, newest first)
+TagEntry = tuple[int, tuple[StoredRecord, ...]]
+TAG_CACHE_SIZE = 10_000
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -62,6 +73,7 @@ class CachedRecordView:
         self._ttl = policy.cache_seconds
         self._verified: _SharedLru[tuple[str, str], frozenset[str]] = _SharedLru(VERIFIED_CACHE_SIZE)
         self._verdicts: _SharedLru[Subject, Entry] = _SharedLru(VERDICT_CACHE_SIZE)
+        self._tags: _SharedLru[TagSubject, TagEntry] = _SharedLru(TAG_CACHE_SIZE)
         self._version: int | None = None  # the last version the store reported ...
         self._confirmed_at = 0.0  # ... and when (time.monotonic)
         self._confirm_lock = threading.Lock()
@@ -83,7 +95,24 @@ class CachedRecordView:
         entry = self._verdicts.get(subject)
         return entry if entry is not None and entry[0] == version else None
 
-    def _lookup(self, subjects: Sequence[Subject]) -> dict[Subject, Entry]:
+    def _tag_entry(self, tag: TagSubject, version: int) -> TagEntry | None:
+        entry = self._tags.get(tag)
+        if entry is None or entry[0] != version:
+            return None
+        # Its statements' digests must still have verdicts of this version (the LRUs evict separately).
+        if any(self._entry((tag[0], s.record.digest), version) is None for s in entry[1]):
+            return None
+        return entry
+
+    def _evaluate(self, subject: Subject, stored: list[StoredRecord], version: int) -> Entry:
+        repository, digest = subject
+        states = promotion_rules.evaluate(self._policy, stored, repository, digest, verifier=self._verify)
+        entry: Entry = (version, states, set())
+        self._verdicts.put(subject, entry)
+        return entry
+
+    def _lookup(self, subjects: Sequence[Subject],
+                tags: Sequence[TagSubject]) -> tuple[int, dict[Subject, Entry], dict[TagSubject, TagEntry]]:
         started = time.perf_counter()
         try:
             version = self._store.records_version()
@@ -91,34 +120,52 @@ class CachedRecordView:
                 if self._version is None or version >= self._version:
                     self._version, self._confirmed_at = version, time.monotonic()
             answers = {s: entry for s in subjects if (entry := self._entry(s, version)) is not None}
+            tag_answers = {t: found for t in tags if (found := self._tag_entry(t, version)) is not None}
             self._hit.inc(len(answers))
             missing = [s for s in subjects if s not in answers]
-            if not missing:
-                return answers
+            missing_tags = [t for t in tags if t not in tag_answers]
+            if not missing and not missing_tags:
+                return version, answers, tag_answers
             self._miss.inc(len(missing))
-            stored = self._store.records_for_digests([digest for _, digest in missing])
+            # One query for both questions: the records of the pinned digests, and of the digests last
+            # recorded as built as each tag.
+            stored = self._store.records_for_subjects([digest for _, digest in missing], missing_tags)
         finally:
             self._metrics.store_latency.observe(time.perf_counter() - started)
-        for repository, digest in missing:
-            states = promotion_rules.evaluate(self._policy, stored[digest], repository, digest, verifier=self._verify)
-            answers[(repository, digest)] = entry = (version, states, set())
-            self._verdicts.put((repository, digest), entry)
-        return answers
+        for subject in missing:
+            answers[subject] = self._evaluate(subject, stored.get(subject[1], []), version)
+        for repository, tag in missing_tags:
+            statements = tuple(promotion_rules.tag_statements(
+                [s for records in stored.values() for s in records], repository, tag))
+            for digest in dict.fromkeys(s.record.digest for s in statements):
+                if self._entry((repository, digest), version) is None:
+                    self._evaluate((repository, digest), stored.get(digest, []), version)
+            tag_answers[(repository, tag)] = (version, statements)
+            self._tags.put((repository, tag), (version, statements))
+        return version, answers, tag_answers
 
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        future = self._pool.submit(self._lookup, subjects)
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        future = self._pool.submit(self._lookup, subjects, tags)
         try:
-            entries = future.result(timeout=self._deadline)
+            version, entries, tag_entries = future.result(timeout=self._deadline)
         except (FutureTimeout, StoreError) as exc:
             self._metrics.store_errors.labels(operation="lookup").inc()
             detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
-            return {subject: self._fallback(subject, environment, detail) for subject in subjects}
+            # No hint for tags: the plain mutable-tag denial stands.
+            return Lookup({subject: self._fallback(subject, environment, detail) for subject in subjects})
         answers = {}
         for subject in subjects:
             _, states, asked = entries[subject]
             asked.add(environment)
             answers[subject] = states.get(environment, NOT_PROMOTED)
-        return answers
+        tag_answers = {}
+        for (repository, tag), (_, statements) in tag_entries.items():
+            def states_of(digest: str, repository: str = repository) -> Mapping[str, PromotionStatus]:
+                entry = self._entry((repository, digest), version)
+                return entry[1] if entry is not None else {}
+
+            tag_answers[(repository, tag)] = promotion_rules.promoted_for_tag(statements, environment, states_of)
+        return Lookup(answers, tag_answers)
 
     def _fallback(self, subject: Subject, environment: str, detail: str) -> PromotionStatus:
         # Only a verdict admission has actually given (this digest, this environment) stands in.

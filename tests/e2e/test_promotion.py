@@ -75,7 +75,7 @@ def run_cli(*args: str) -> str:
 
 
 def record_ci(gate: SoloGate, kit: Kit, image: str) -> None:
-    stdout = run_cli("record", image, "--env", "ci", "--git-commit", "4f2c9e1", "--git-repository",
+    stdout = run_cli("record", image, "--no-registry", "--env", "ci", "--git-commit", "4f2c9e1", "--git-repository",
                      "github.com/acme/payment-api", "--ci-run", "8812", "--tests-passed", "120", "--tests-failed", "0",
                      "--scanner", "trivy", "--scan-critical", "0", "--scan-high", "0", "--key", str(kit.key("ci")),
                      "--by", "ci-bot", *remote(gate, kit, "ci-bot"))

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from webhook.cli import audit, check, operator, records, server
+from webhook.cli import audit, check, operator, pin, records, server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -21,7 +21,7 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-for command in (server.certs, check.check, server.serve, *records.COMMANDS, audit.audit_group,
+for command in (server.certs, check.check, server.serve, *records.COMMANDS, pin.pin, audit.audit_group,
                 operator.operator_command):
     main.add_command(command)
 

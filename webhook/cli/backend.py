@@ -17,15 +17,24 @@ import requests
 
 from webhook import ledger, record_json
 from webhook.cli.options import BackendOptions, load_policy
-from webhook.core import dsse, references
+from webhook.core import dsse
 from webhook.core.policy import Policy
-from webhook.core.promotion import Promotion, PromotionStatus, RecordView, Subject
+from webhook.core.promotion import (
+    Lookup,
+    Promotion,
+    PromotionStatus,
+    RecordView,
+    Subject,
+    TagPromotion,
+    TagSubject,
+)
 from webhook.core.records import RecordKind
 from webhook.store import SqlStore, StoreError, open_store
 from webhook.store.sql import MAX_LOCAL_EVENT_CHARS, AuditQuery
 
 MAX_TOKEN_BYTES = 4096
 MAX_PAGE_EVENTS = 1000  # what the server answers at most per request
+TAGS_PER_REQUEST = 100  # the API's limit for GET /api/v1/promoted
 
 
 class BackendError(RuntimeError):
@@ -47,6 +56,7 @@ class Backend(Protocol):
     def trace(self, digest: str) -> dict[str, Any]: ...
     def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]: ...
     def record_view(self) -> RecordView: ...
+    def tag_promotions(self, tags: Sequence[TagSubject], environment: str) -> dict[TagSubject, TagPromotion]: ...
 
 
 def read_token(path: Path) -> str:
@@ -154,6 +164,20 @@ class HttpBackend:
     def record_view(self) -> RecordView:
         return ServerRecordView(self)
 
+    def tag_promotions(self, tags: Sequence[TagSubject], environment: str) -> dict[TagSubject, TagPromotion]:
+        answers: dict[TagSubject, TagPromotion] = {}
+        unique = list(dict.fromkeys(tags))
+        for start in range(0, len(unique), TAGS_PER_REQUEST):
+            batch = unique[start:start + TAGS_PER_REQUEST]
+            data = self._get("/api/v1/promoted", {"environment": environment,
+                                                  "image": [f"{r}:{t}" for r, t in batch]})
+            images = data.get("images")
+            if not isinstance(images, list) or len(images) != len(batch):
+                raise BackendError(f"{self.server} answered GET /api/v1/promoted with unexpected JSON")
+            for asked, item in zip(batch, images, strict=True):
+                answers[asked] = record_json.tag_promotion_of(item if isinstance(item, dict) else {})
+        return answers
+
 
 class LocalBackend:
     """A store opened in this process, seen through the policy's rules (what the server would do)."""
@@ -172,7 +196,7 @@ class LocalBackend:
         return list(self.ledger.policy.environment_names)
 
     def records(self, **filters: Any) -> list[dict[str, Any]]:
-        return [record_json.stored_json(s) for s in self.ledger.find(**filters)]
+        return [record_json.stored_json(s, signers=self.ledger.signers(s)) for s in self.ledger.find(**filters)]
 
     def trace(self, digest: str) -> dict[str, Any]:
         return record_json.trace_json(self.ledger.trace(digest, max_event_chars=MAX_LOCAL_EVENT_CHARS))
@@ -185,6 +209,12 @@ class LocalBackend:
 
     def record_view(self) -> RecordView:
         return LedgerRecordView(self.ledger)
+
+    def tag_promotions(self, tags: Sequence[TagSubject], environment: str) -> dict[TagSubject, TagPromotion]:
+        try:
+            return dict(self.ledger.lookup([], list(dict.fromkeys(tags)), environment).tags)
+        except StoreError as exc:
+            raise BackendError(str(exc)) from exc
 
 
 def open_local_store(url: str) -> SqlStore:
@@ -215,26 +245,26 @@ class LedgerRecordView:
     def __init__(self, records: ledger.Ledger) -> None:
         self._ledger = records
 
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        answers: dict[Subject, PromotionStatus] = {}
-        for repository, digest in subjects:
-            try:
-                states = self._ledger.status(references.parse(f"{repository}@{digest}"))
-            except StoreError as exc:
-                answers[(repository, digest)] = PromotionStatus(Promotion.UNAVAILABLE, detail=str(exc)[:160])
-                continue
-            answers[(repository, digest)] = states.get(environment, PromotionStatus(Promotion.NOT_PROMOTED))
-        return answers
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        try:
+            return self._ledger.lookup(subjects, tags, environment)
+        except StoreError as exc:
+            return Lookup({s: PromotionStatus(Promotion.UNAVAILABLE, detail=str(exc)[:160]) for s in subjects})
 
 
 class ServerRecordView:
-    """``check --server``: the server's verdicts, read from ``GET /api/v1/status``."""
+    """``check --server``: the server's verdicts, read from ``GET /api/v1/status`` and ``/promoted``."""
 
     def __init__(self, backend: HttpBackend) -> None:
         self._backend = backend
 
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        return {subject: self._status(*subject, environment) for subject in subjects}
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        statuses = {subject: self._status(*subject, environment) for subject in subjects}
+        try:
+            answers = self._backend.tag_promotions(tags, environment) if tags else {}
+        except BackendError:
+            answers = {}  # without an answer the plain mutable-tag finding stands
+        return Lookup(statuses, answers)
 
     def _status(self, repository: str, digest: str, environment: str) -> PromotionStatus:
         try:

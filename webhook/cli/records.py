@@ -7,14 +7,14 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
-from webhook import key_files, ledger, record_json
+from webhook import key_files, ledger, record_json, registry, registry_credentials
 from webhook.cli.backend import Backend, open_backend
-from webhook.cli.options import BackendOptions, ExitCode, backend_options, grouped
-from webhook.core import dsse, keys, records, references
+from webhook.cli.options import BackendOptions, ExitCode, backend_options, grouped, load_policy
+from webhook.core import dsse, image_labels, keys, records, references
 from webhook.core.records import Record, RecordKind
 
 
@@ -69,6 +69,32 @@ class SigningOptions:
             raise click.BadParameter(str(exc), param_hint="--key") from exc
 
 
+@dataclass(frozen=True)
+class ImageOptions:
+    """Where ``record`` reads the image from: its registry, with Docker's credentials."""
+
+    no_registry: bool = False
+    registry_ca_file: Path | None = None
+    insecure_registry: bool = False
+    docker_config: Path | None = None
+
+    def registry(self) -> registry.RegistryOptions:
+        return registry.RegistryOptions(ca_file=self.registry_ca_file, insecure=self.insecure_registry,
+                                        docker_config=self.docker_config)
+
+
+_image = grouped("image_options", ImageOptions, [
+    click.option("--no-registry", is_flag=True,
+                 help="Record IMAGE@DIGEST without reading the image from its registry (the source is not confirmed "
+                      "by the image's labels)."),
+    click.option("--registry-ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="CA bundle for the registry's certificate (a private registry)."),
+    click.option("--insecure-registry", is_flag=True,
+                 help="Registry on this machine only (localhost, 127.0.0.1, ::1): no TLS verification, or plain HTTP."),
+    click.option("--docker-config", type=click.Path(file_okay=False, path_type=Path), envvar="DOCKER_CONFIG",
+                 help="Directory of the Docker config.json with registry credentials [env: DOCKER_CONFIG; default: "
+                      "~/.docker]."),
+])
 _evidence = grouped("evidence", EvidenceOptions, [
     click.option("--git-commit", default=""), click.option("--git-repository", default=""),
     click.option("--ci-run", "ci_run", default="", help="CI run id."), click.option("--ci-run-url", default=""),
@@ -181,16 +207,81 @@ def show(path: Path) -> None:
     click.echo(f"{key.key_id}  {key.algorithm}")
 
 
+def _registry_failure(exc: Exception, status: ExitCode) -> NoReturn:
+    click.echo(f"error: {exc}; nothing was recorded", err=True)
+    sys.exit(status)
+
+
+def read_from_registry(ref: references.ImageReference, options: ImageOptions) -> registry.RegistryImage:
+    """The image from its registry, or exit: 3 unreachable or unusable, 1 refused, 2 not found or misconfigured."""
+    try:
+        return registry.read_image(ref, options.registry())
+    except registry.RegistryUnavailable as exc:
+        _registry_failure(exc, ExitCode.UNAVAILABLE)
+    except (registry.RegistryRefused, registry.TagMoved) as exc:
+        _registry_failure(exc, ExitCode.REFUSED)
+    except (registry.ImageNotFound, registry_credentials.CredentialsError, registry.InsecureRegistry) as exc:
+        _registry_failure(exc, ExitCode.INPUT)
+
+
+def _describe(image: registry.RegistryImage, asked: str) -> str:
+    if image.is_index:
+        shape = f"an index of {len(image.platforms)} image(s): {', '.join(p.platform for p in image.platforms)}"
+    else:
+        shape = f"one image: {image.platforms[0].platform or 'platform not given'}"
+    return f"{asked} is {image.reference} ({shape})"
+
+
+def _record_image(image_text: str, environment: str, evidence: EvidenceOptions, signing: SigningOptions,
+                  image_options: ImageOptions, backend: BackendOptions) -> None:
+    try:
+        ref = references.parse(image_text)
+    except references.InvalidReference as exc:
+        raise click.BadParameter(f'"{image_text}" is not a valid image reference: {exc}', param_hint="IMAGE") from exc
+    if image_options.no_registry:
+        if ref.digest is None:
+            raise click.BadParameter(f'"{image_text}" is a tag; only the registry can resolve it to a digest: drop '
+                                     "--no-registry, or give IMAGE by digest (REPO@sha256:…)", param_hint="IMAGE")
+        _promote(image_text, environment, None, evidence, signing, backend, first=True)
+        return
+    signers = signing.signers()
+    image = read_from_registry(ref, image_options)
+    click.echo(_describe(image, ref.written), err=True)
+    try:
+        confirmed = image_labels.reconcile(evidence.source(), image.platforms, image.reference)
+    except image_labels.LabelConflict as exc:
+        _registry_failure(exc, ExitCode.REFUSED)
+    if confirmed.confirmed:
+        words = [f.words for f in image_labels.FIELDS if f.name in confirmed.confirmed]
+        click.echo("source confirmed by the image's labels: " + ", ".join(words), err=True)
+    for note in confirmed.notes:
+        click.echo(f"note: {note}", err=True)
+    by = signing.by or signers[0].key_id
+    record = Record(kind=RecordKind.PROMOTION, repository=image.repository, digest=image.digest,
+                    environment=environment, at=records.timestamp(datetime.now(UTC)), by=by,
+                    source=confirmed.source, tests=evidence.tests(), scan=evidence.scan(),
+                    approvers=signing.approvers, reason=signing.reason, built_as=image.tag,
+                    confirmed_by_labels=confirmed.confirmed)
+    _sign_and_submit(open_backend(backend, identity=by), backend, record, signers, signing.envelope_out)
+
+
 @click.command("record")
 @click.argument("image")
 @click.option("--env", "environment", required=True, help="The first environment, e.g. ci.")
 @_evidence
 @_signing
+@_image
 @backend_options
 def record_cmd(image: str, environment: str, evidence: EvidenceOptions, signing: SigningOptions,
-               backend: BackendOptions) -> None:
-    """Record build and test evidence for IMAGE@DIGEST in the first environment."""
-    _promote(image, environment, None, evidence, signing, backend, first=True)
+               image_options: ImageOptions, backend: BackendOptions) -> None:
+    """Record build and test evidence for IMAGE in the first environment.
+
+    IMAGE is REPO:TAG, REPO@DIGEST or REPO:TAG@DIGEST. The image is read from its registry: a tag is
+    resolved to its digest (an index's own digest for a multi-platform image), and the labels of every
+    platform's config (git.commit, ci.run, org.opencontainers.image.revision and .source) fill the
+    source, or refuse a flag that contradicts them. Registry credentials come from Docker's config.json.
+    """
+    _record_image(image, environment, evidence, signing, image_options, backend)
 
 
 @click.command("promote")
@@ -259,8 +350,11 @@ def history_cmd(image: str, environment: str | None, limit: int, backend: Backen
         return
     if not found:
         click.echo(f"no records for {ref.repository}")
+    names = _key_names(backend)
     for item in found:
         click.echo(_record_line(item))
+        for detail in custody(item, names):
+            click.echo(f"      {detail}")
 
 
 @click.command("trace")
@@ -281,24 +375,21 @@ def trace_cmd(digest: str, backend: BackendOptions) -> None:
         summary = ", ".join(f"{env}: {s['state']}" for env, s in states.items())
         click.echo(f"  {repository}: {summary}")
     click.echo("records:")
+    names = _key_names(backend)
     for item in sorted(data["records"] + data["revocations"], key=lambda r: r["seq"]):
         click.echo("  " + _record_line(item))
-        if item["kind"] == RecordKind.PROMOTION:
-            src, tests, scan = item["source"], item["tests"], item["scan"]
-            click.echo(f"      source: commit {src['gitCommit'] or '-'} repo {src['repository'] or '-'} "
-                       f"ci run {src['ciRunId'] or '-'} {src['ciRunUrl']}".rstrip())
-            if tests:
-                click.echo(f"      tests: {tests['passed']} passed, {tests['failed']} failed")
-            if scan:
-                counts = ", ".join(f"{k} {v}" for k, v in scan["findings"].items())
-                click.echo(f"      scan: {scan['scanner'] or '-'}: {counts or 'no counts'}")
-            click.echo(f"      approvers: {', '.join(item['approvers']) or '-'}; "
-                       f"signed by: {', '.join(k[:12] for k in item['signers'])}")
-    click.echo(f"admissions: {len(data['admissions'])}")
-    for event in data["admissions"]:
+        for detail in custody(item, names):
+            click.echo(f"      {detail}")
+    admissions = data["admissions"]
+    more = (f" (the first {len(admissions)}; all of them: promotion-gate audit --image {digest})"
+            if data.get("admissionsNext") is not None else "")
+    click.echo(f"admissions: {len(admissions)}{more}")
+    for event in admissions:
         verdict = "allowed" if event["allowed"] else "denied"
-        click.echo(f"  {event['time']} {verdict} {event['kind']} {event['namespace']}/{event['name']} "
-                   f"by {event['user']} [{', '.join(event['reasons']) or 'ok'}]")
+        omitted = f" ({event['omitted']})" if "omitted" in event else ""
+        where = f"{event.get('kind', '?')} {event['namespace']}/{event.get('name', '?')}"
+        click.echo(f"  {event['time']} {verdict} {where} by {event['user']} "
+                   f"[{', '.join(event['reasons']) or 'ok'}]{omitted}")
 
 
 def _record_line(item: dict[str, Any]) -> str:
@@ -308,6 +399,61 @@ def _record_line(item: dict[str, Any]) -> str:
     origin = f" from {item['promotedFrom']}" if item.get("promotedFrom") else ""
     return (f"#{item['seq']} {item['at']} {item['repository']}@{item['digest']} -> {item['environment']}{origin} "
             f"by {item['by']} (record {item['id'][:12]})")
+
+
+def _key_names(backend: BackendOptions) -> dict[str, str]:
+    """Key id -> the ``--policy`` file's name for it: for servers that answer without ``signedBy``."""
+    if backend.policy_path is None:
+        return {}
+    policy = load_policy(backend.policy_path)
+    return {key.key_id: name for name, key in policy.named_keys.items()}
+
+
+def _signers(item: dict[str, Any], names: dict[str, str]) -> str:
+    if isinstance(item.get("signedBy"), list):
+        return ", ".join(f"{s['name']} ({s['keyId'][:12]})" if s.get("name") and s.get("verified")
+                         else f"{s['keyId'][:12]} (not verified)" for s in item["signedBy"])
+    # The key ids written in the envelope: claims, named by the local policy when it knows them.
+    return ", ".join(f"{names[k]} ({k[:12]}, claimed)" if k in names else f"{k[:12]} (claimed)"
+                     for k in item.get("signers", []))
+
+
+def custody(item: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """A record's chain-of-custody lines, for a person: what is absent is left out, not shown as "-"."""
+    lines: list[str] = []
+    if item["kind"] == RecordKind.PROMOTION:
+        if item.get("builtAs"):
+            lines.append(f"built as :{item['builtAs']}")
+        source = item.get("source") or {}
+        parts = []
+        if source.get("gitCommit"):
+            parts.append(f"git commit {source['gitCommit']}")
+        run = " ".join(filter(None, (source.get("ciRunId"), f"({source['ciRunUrl']})" if source.get("ciRunUrl")
+                                     else "")))
+        if run:
+            parts.append(f"CI run {run}")
+        if source.get("repository"):
+            parts.append(f"repository {source['repository']}")
+        if parts:
+            lines.append("source: " + ", ".join(parts))
+            confirmed = item.get("confirmedByImageLabels") or []
+            words = [f.words for f in image_labels.FIELDS if f.name in confirmed]
+            lines.append("confirmed by image labels: " + ", ".join(words) if words
+                         else "not confirmed by image labels")
+        tests, scan = item.get("tests"), item.get("scan")
+        if tests:
+            lines.append(f"tests: {tests['passed']} passed, {tests['failed']} failed")
+        if scan:
+            counts = ", ".join(f"{k} {v}" for k, v in scan["findings"].items())
+            lines.append("scan: " + ": ".join(filter(None, (scan.get("scanner"), counts or "no counts"))))
+        if item.get("approvers"):
+            lines.append(f"approvers: {', '.join(item['approvers'])}")
+        if item.get("reason"):
+            lines.append(f"reason: {item['reason']}")
+    signers = _signers(item, names)
+    if signers:
+        lines.append(f"signed by: {signers}")
+    return lines
 
 
 COMMANDS = (keys_group, record_cmd, promote_cmd, revoke_cmd, submit_cmd, history_cmd, trace_cmd)

@@ -8,14 +8,13 @@ one implementation.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from webhook.core import findings as words
 from webhook.core import references, workloads
 from webhook.core.findings import Finding, Reason, warning_line
 from webhook.core.policy import Mode, Policy, Unmapped
-from webhook.core.promotion import NOT_PROMOTED, Promotion, PromotionStatus, RecordView, Subject
+from webhook.core.promotion import NOT_PROMOTED, Lookup, Promotion, RecordView
 from webhook.core.review import AdmissionRequest
 
 
@@ -63,6 +62,9 @@ class BreakGlass:
     permitted: bool = False
     sets_annotation: bool = False
 
+
+# Tags whose promoted digest one request asks for; more (a Pod of dozens of tagged images) get the plain denial.
+MAX_TAG_QUESTIONS = 16
 
 # The offline check does not know who will apply a manifest: it reports every finding.
 OFFLINE = BreakGlass(permitted=True)
@@ -177,13 +179,15 @@ def _judge_images(
 ) -> tuple[tuple[ImageOutcome, ...], tuple[Finding, ...], tuple[str, ...]]:
     """One outcome per container; findings and warnings for those that fail. ``environment``: gated."""
     classified = [(container, references.classify(container.image)) for container in candidates]
-    lookups: Mapping[Subject, PromotionStatus] = {}
+    lookups = Lookup({})
     if environment is not None:
-        pinned = list(dict.fromkeys(
-            (c.reference.repository, c.reference.digest) for _, c in classified
-            if c.reference is not None and c.reference.digest is not None and not _exempt(policy, c.reference)))
-        if pinned:
-            lookups = records.statuses(pinned, environment)  # one round trip for the whole request
+        judged = [c.reference for _, c in classified if c.reference is not None and not _exempt(policy, c.reference)]
+        pinned = list(dict.fromkeys((r.repository, r.digest) for r in judged if r.digest is not None))
+        # A tag's promoted digest is the fix its denial offers; asked in the same round trip, never waited
+        # for beyond the store's deadline (without an answer the plain mutable-tag denial stands).
+        tags = list(dict.fromkeys((r.repository, r.tag or "latest") for r in judged if r.digest is None))
+        if pinned or tags:
+            lookups = records.lookup(pinned, tags[:MAX_TAG_QUESTIONS], environment)  # one round trip
     outcomes: list[ImageOutcome] = []
     found: list[Finding] = []
     warnings: list[str] = []
@@ -247,7 +251,7 @@ def _judge_image(
     classified: references.Classification,
     policy: Policy,
     environment: str | None,
-    lookups: Mapping[Subject, PromotionStatus],
+    lookups: Lookup,
 ) -> tuple[ImageOutcome, Finding | None, str | None]:
     ref = classified.reference
     outcome = ImageOutcome(field_path=container.field_path, container=container.container, image=container.image)
@@ -258,11 +262,13 @@ def _judge_image(
     if exempt:
         return outcome, None, None
     if ref.digest is None:
-        return outcome, words.mutable_tag(subject, container, ref), None
+        answer = lookups.tags.get((ref.repository, ref.tag or "latest"))
+        promoted = (environment, answer.digest) if environment is not None and answer and answer.digest else None
+        return outcome, words.mutable_tag(subject, container, ref, promoted), None
     warning = words.tag_ignored(container, ref.tag) if ref.tag else None
     if environment is None:
         return outcome, None, warning
-    status = lookups.get((ref.repository, ref.digest), NOT_PROMOTED)
+    status = lookups.statuses.get((ref.repository, ref.digest), NOT_PROMOTED)
     if status.state is Promotion.PROMOTED:
         return replace(outcome, record_ids=status.record_ids), None, warning
     if status.state is Promotion.UNAVAILABLE:

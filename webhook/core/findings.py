@@ -96,8 +96,23 @@ def invalid_reference(subject: str, container: ContainerImage, problem: str) -> 
                    short=f'"{container.image}" {problem}', **_where(container))
 
 
-def mutable_tag(subject: str, container: ContainerImage, ref: ImageReference) -> Finding:
+def mutable_tag(subject: str, container: ContainerImage, ref: ImageReference,
+                promoted: tuple[str, str] | None = None) -> Finding:
+    """A tag instead of a digest; with ``promoted`` (environment, digest), the digest to deploy instead.
+
+    ``promoted`` comes only from a valid record that states the digest was built as this tag and that
+    stands promoted in the namespace's environment. The warning form puts that digest last, so a cut
+    at 120 characters shortens the digest, never the words before it.
+    """
     implicit = ' (no tag: implicitly "latest")' if ref.implicit_latest else ""
+    if promoted is not None:
+        environment, digest = promoted
+        fix = f"{ref.written_name}@{digest}"
+        tag = ref.tag or "latest"
+        return Finding(Reason.MUTABLE_TAG, subject,
+                       f'image "{container.image}" is a mutable tag{implicit}; the digest promoted to {environment} '
+                       f"for :{tag} is {fix}",
+                       short=f"mutable tag; promoted to {environment} for :{tag}: {fix}", **_where(container))
     return Finding(Reason.MUTABLE_TAG, subject,
                    f'image "{container.image}" is a mutable tag{implicit}; deploy by digest: '
                    f"{ref.written_name}@sha256:<digest>",

@@ -53,6 +53,7 @@ class Evidence:
     min_tests_passed: int | None = None
     max_scan_findings: Mapping[str, int] = field(default_factory=dict)
     require_source: bool = False
+    require_image_labels: bool = False  # gitCommit and ciRunId confirmed by the image's own labels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,6 +107,7 @@ class Policy:
     api_open_reads: bool = False
     api_tokens: tuple[ApiToken, ...] = ()
     workload_kinds: tuple[WorkloadKind, ...] = BUILT_IN_KINDS  # the built-in kinds, then the policy's
+    named_keys: Mapping[str, keys.VerifyingKey] = field(default_factory=dict)  # the policy's `keys:`, by name
     digest: str = ""  # sha256 of the policy document, reported in audit events
 
     def workload_kind(self, group: str, kind: str) -> WorkloadKind | None:
@@ -123,6 +125,10 @@ class Policy:
         names = [e.name for e in self.environments]
         index = names.index(name) if name in names else -1
         return self.environments[index - 1] if index > 0 else None
+
+    def key_name(self, key_id: str) -> str:
+        """The policy's name for a key (``release``), or "" when it names none with that id."""
+        return next((name for name, key in self.named_keys.items() if key.key_id == key_id), "")
 
     @property
     def environment_names(self) -> tuple[str, ...]:

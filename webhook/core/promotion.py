@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from webhook.core import dsse
@@ -36,6 +36,24 @@ class PromotionStatus:
 NOT_PROMOTED = PromotionStatus(Promotion.NOT_PROMOTED)
 
 Subject = tuple[str, str]  # (normalised repository, digest)
+TagSubject = tuple[str, str]  # (normalised repository, tag): "which digest was built as this tag?"
+
+
+@dataclass(frozen=True, slots=True)
+class TagPromotion:
+    """What valid records say about a tag in one environment.
+
+    ``digest`` is set only when a valid record states that a digest was built as the tag AND that
+    digest stands promoted in the environment: never a guess. ``built`` lists every digest valid
+    records state was built as the tag, newest first, promoted there or not.
+    """
+
+    digest: str = ""
+    built: tuple[str, ...] = ()
+    detail: str = ""  # the store did not answer: why
+
+
+NO_TAG_PROMOTION = TagPromotion()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,14 +68,23 @@ class StoredRecord:
     stored_at: str = ""
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """The answers to one request's promotion questions, in one environment."""
+
+    statuses: Mapping[Subject, PromotionStatus]
+    tags: Mapping[TagSubject, TagPromotion] = field(default_factory=dict)
+
+
 class RecordView(Protocol):
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        """The promotion state of each subject in one environment: one round trip per request."""
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        """The promotion state of each pinned subject, and the promoted digest of each tag, in one
+        environment: one round trip per request. A tag without an answer is simply left out."""
         ...
 
 
 class NoRecords:
     """A view for policies without environments: nothing is ever promoted."""
 
-    def statuses(self, subjects: Sequence[Subject], environment: str) -> Mapping[Subject, PromotionStatus]:
-        return dict.fromkeys(subjects, NOT_PROMOTED)
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        return Lookup(dict.fromkeys(subjects, NOT_PROMOTED))

@@ -6,13 +6,13 @@ HTTP API, the CLI's local-store mode, the operator and admission all share them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 from webhook.core import dsse, records
 from webhook.core.errors import Refused
 from webhook.core.policy import Environment, Policy
-from webhook.core.promotion import Promotion, PromotionStatus, StoredRecord
+from webhook.core.promotion import Promotion, PromotionStatus, StoredRecord, TagPromotion
 from webhook.core.records import Record, RecordKind
 
 
@@ -120,6 +120,36 @@ def evaluate(
     return {name: replace(s, promoted_to=promoted_to) for name, s in states.items()}
 
 
+def tag_statements(stored: Sequence[StoredRecord], repository: str, tag: str) -> list[StoredRecord]:
+    """The authentic promotion records of ``repository`` that state it was built as ``tag``, newest first."""
+    return [s for s in reversed(authentic(stored)) if s.record.kind is RecordKind.PROMOTION
+            and s.record.repository == repository and s.record.built_as == tag]
+
+
+def promoted_for_tag(statements: Sequence[StoredRecord], environment: str,
+                     states: Callable[[str], Mapping[str, PromotionStatus]]) -> TagPromotion:
+    """The digest promoted to ``environment`` that a valid record states was built as the tag.
+
+    ``statements`` come from :func:`tag_statements`; ``states(digest)`` is :func:`evaluate` for the
+    tag's repository. A statement counts only when its record is the one that admits the digest in its
+    own environment (valid signatures and evidence under today's policy, not revoked). Of the digests
+    stated, the newest one that stands promoted in ``environment`` is the answer.
+    """
+    built: list[str] = []
+    for statement in statements:
+        digest = statement.record.digest
+        if digest in built:
+            continue
+        own = states(digest).get(statement.record.environment)
+        if own is not None and own.state is Promotion.PROMOTED and statement.id in own.record_ids:
+            built.append(digest)
+    for digest in built:
+        there = states(digest).get(environment)
+        if there is not None and there.state is Promotion.PROMOTED:
+            return TagPromotion(digest=digest, built=tuple(built))
+    return TagPromotion(built=tuple(built))
+
+
 def _record_problem(policy: Policy, environment: Environment, record: Record) -> str | None:
     """What today's policy says against a record's content (its origin and its evidence), if anything."""
     try:
@@ -198,3 +228,11 @@ def _check_evidence(environment: Environment, record: Record) -> None:
                                     f'"{name}" allows at most {limit} {severity} scan findings; the record has {found}')
     if rules.require_source and not (record.source.git_commit and record.source.ci_run_id):
         raise RuleViolation("evidence.requireSource", f'"{name}" requires the source git commit and CI run id')
+    if rules.require_image_labels:
+        missing = [words for field, words in (("gitCommit", "git commit"), ("ciRunId", "CI run"))
+                   if field not in record.confirmed_by_labels]
+        if missing:
+            raise RuleViolation("evidence.requireImageLabels",
+                                f'"{name}" requires the git commit and the CI run confirmed by the image\'s own '
+                                f"labels; not confirmed: {', '.join(missing)}. Build with --label git.commit=… --label "
+                                "ci.run=… and record the image from its registry (promotion-gate record REPO:TAG)")

@@ -24,6 +24,8 @@ PROMOTION_PREDICATE = "https://promotion-gate.io/promotion/v1"
 REVOCATION_PREDICATE = "https://promotion-gate.io/revocation/v1"
 SEVERITIES = ("critical", "high", "medium", "low")
 MAX_TEXT = 4096
+# The source fields an image's own labels can confirm (docs/records.md, "confirmedByImageLabels").
+LABELLED_SOURCE_FIELDS = ("gitCommit", "ciRunId", "repository")
 
 
 class RecordError(InvalidInput):
@@ -79,6 +81,8 @@ class Record:
     scan: Scan | None = None
     approvers: tuple[str, ...] = ()
     reason: str = ""
+    built_as: str = ""  # the tag the digest was pushed as ("abc123"), read from the registry by ``record``
+    confirmed_by_labels: tuple[str, ...] = ()  # source fields the image's own labels confirmed, sorted
 
     @property
     def reference(self) -> str:
@@ -108,6 +112,10 @@ def statement(record: Record) -> dict[str, Any]:
             "ciRunId": record.source.ci_run_id, "ciRunUrl": record.source.ci_run_url}.items() if v}
         if source:
             predicate["source"] = source
+        if record.built_as:
+            predicate["builtAs"] = record.built_as
+        if record.confirmed_by_labels:
+            predicate["confirmedByImageLabels"] = sorted(record.confirmed_by_labels)
         if record.tests is not None:
             predicate["tests"] = {"passed": record.tests.passed, "failed": record.tests.failed}
         if record.scan is not None:
@@ -202,6 +210,10 @@ def parse_statement(raw: bytes) -> Record:
     approvers = pred.get("approvers", [])
     if not isinstance(approvers, list):
         raise RecordError("predicate.approvers must be a list of strings")
+    built_as = _text(pred.get("builtAs"), "predicate.builtAs")
+    if "builtAs" in pred and not references.is_tag(built_as):
+        raise RecordError('predicate.builtAs must be a tag: letters, digits, "_", "." and "-", at most 128 '
+                          'characters, not starting with "." or "-"')
     return Record(
         kind=kind, repository=name, digest=digest, environment=environment,
         promoted_from=_text(pred.get("promotedFrom"), "predicate.promotedFrom") or None,
@@ -209,6 +221,7 @@ def parse_statement(raw: bytes) -> Record:
         by=_text(pred.get("promotedBy"), "predicate.promotedBy", required=True),
         source=source, tests=tests, scan=scan,
         approvers=_read.strings(approvers, "predicate.approvers"), reason=reason,
+        built_as=built_as, confirmed_by_labels=_confirmed(pred.get("confirmedByImageLabels"), source),
     )
 
 
@@ -251,6 +264,21 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
+def _confirmed(value: Any, source: Source) -> tuple[str, ...]:
+    """``confirmedByImageLabels``: known source fields, each once, each present in the record's source."""
+    where = "predicate.confirmedByImageLabels"
+    names = _read.strings(value, where)
+    present = {"gitCommit": source.git_commit, "ciRunId": source.ci_run_id, "repository": source.git_repository}
+    for name in names:
+        if name not in present:
+            raise RecordError(f"{where}: unknown source field {name!r} (known: {', '.join(LABELLED_SOURCE_FIELDS)})")
+        if not present[name]:
+            raise RecordError(f"{where}: {name} is confirmed but predicate.source.{name} is empty")
+    if len(set(names)) != len(names):
+        raise RecordError(f"{where} names a field twice")
+    return tuple(sorted(names))
+
+
 def record_json(record: Record) -> dict[str, Any]:
     """The record as people and tools read it (the statement's predicate, flattened)."""
     data: dict[str, Any] = {
@@ -266,6 +294,8 @@ def record_json(record: Record) -> dict[str, Any]:
         data["scan"] = None if record.scan is None else {"scanner": record.scan.scanner,
                                                           "findings": dict(record.scan.findings)}
         data["approvers"] = list(record.approvers)
+        data["builtAs"] = record.built_as or None
+        data["confirmedByImageLabels"] = list(record.confirmed_by_labels)
     data["reason"] = record.reason
     return data
 

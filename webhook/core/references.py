@@ -98,6 +98,14 @@ class ImageReference:
         return f"{self.written_name}@{self.digest}" if self.digest else self.written_name
 
 
+_TAG_RE = re.compile(_TAG, re.ASCII)
+
+
+def is_tag(text: str) -> bool:
+    """True for a well-formed tag (``abc123``, ``1.4``): what may follow the ``:`` of a reference."""
+    return isinstance(text, str) and _TAG_RE.fullmatch(text) is not None
+
+
 def is_digest(text: str) -> bool:
     """True for a well-formed, registered digest (``sha256:<64 hex>`` or ``sha512:<128 hex>``)."""
     return isinstance(text, str) and DIGEST_RE.fullmatch(text) is not None

@@ -18,7 +18,7 @@ from flask import Blueprint, Flask, Response, g, jsonify, request
 from webhook import ledger
 from webhook.core import dsse, references
 from webhook.core.policy import ApiToken, Policy
-from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, trace_chunks
+from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, tag_promotion_json, trace_chunks
 from webhook.store.errors import AuditTampered, StoreError
 from webhook.store.sql import AuditQuery
 
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from webhook.server.app import Services
 
 MAX_LIMIT = 1000
+MAX_TAGS = 100  # images one GET /promoted may ask about
 
 
 def hash_token(token: str) -> str:
@@ -130,7 +131,7 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
             found = records.find(repository=repository, digest=digest,
                                  environment=request.args.get("environment"), limit=_limit(),
                                  after=int(after) if after.isdigit() else 0)
-            return jsonify({"records": [stored_json(s) for s in found]})
+            return jsonify({"records": [stored_json(s, signers=records.signers(s)) for s in found]})
 
         @api.get("/trace/<path:digest>")
         def trace(digest: str) -> Response:
@@ -152,6 +153,28 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
         @api.errorhandler(AuditTampered)
         def tampered(exc: AuditTampered) -> Response:
             return _error(409, f"audit log TAMPERED: {exc}; run 'promotion-gate audit verify'")
+
+        @api.get("/promoted")
+        def promoted() -> Response:
+            environment = request.args.get("environment", "")
+            if policy.environment(environment) is None:
+                defined = ", ".join(policy.environment_names) or "none"
+                return _error(400, f"environment: give one the policy defines ({defined})")
+            images = request.args.getlist("image")
+            if not images or len(images) > MAX_TAGS:
+                return _error(400, f"image: give 1 to {MAX_TAGS} images as repository:tag")
+            tags: list[tuple[str, str]] = []
+            for image in images:
+                try:
+                    ref = references.parse(image)
+                except references.InvalidReference as exc:
+                    return _error(400, f"image {image[:200]!r}: {exc}")
+                if ref.digest is not None:
+                    return _error(400, f"image {image[:200]!r}: give a tag, not a digest")
+                tags.append((ref.repository, ref.tag or "latest"))
+            answers = records.lookup([], tags, environment).tags
+            return jsonify({"environment": environment, "images": [
+                tag_promotion_json(repository, tag, answers[(repository, tag)]) for repository, tag in tags]})
 
         @api.get("/audit")
         def audit_events() -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import sqlalchemy as sa
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -34,8 +35,10 @@ records = Table(
     Column("recorded_at", String(40), nullable=False),
     Column("submitted_by", String(256), nullable=False),
     Column("envelope", Text, nullable=False),
+    Column("built_as", String(128), nullable=True),  # the promotion's predicate.builtAs (migration 3)
     Index("records_by_digest_environment", "digest", "environment"),
     Index("records_by_repository", "repository"),
+    Index("records_by_repository_tag", "repository", "built_as"),
 )
 
 audit_events = Table(
@@ -72,7 +75,7 @@ audit_checkpoints = Table(
     Column("pruned_before", Boolean, nullable=False, default=False),
 )
 
-# Version 3: checkpoints form their own signed hash chain (``webhook.store.audit_format.Checkpoint``).
+# Version 4: checkpoints form their own signed hash chain (``webhook.store.audit_format.Checkpoint``).
 # ``seq`` is assigned by the writer, never by a database sequence, so that the chain has no gaps of
 # its own (a PostgreSQL sequence skips the values of rolled-back inserts). The table above is kept
 # for the unchained checkpoints of logs written before it.
@@ -114,12 +117,25 @@ def _v2_append_only(conn: Connection) -> None:
             "FOR EACH ROW EXECUTE FUNCTION promotion_gate_append_only()"))
 
 
+def _v3_built_as(conn: Connection) -> None:
+    # "Which digest was built as :abc123?" for admission's mutable-tag fix and for `pin`: the tag a
+    # promotion states, as a column with an index by repository. Migration 1 creates its tables from
+    # today's metadata, so a new store already has both; an older one gets them here. Rows stored
+    # before this keep NULL: no record could state a tag then.
+    inspector = sa.inspect(conn)
+    if "built_as" not in {c["name"] for c in inspector.get_columns("records")}:
+        conn.execute(text("ALTER TABLE records ADD COLUMN built_as VARCHAR(128)"))
+    if "records_by_repository_tag" not in {i["name"] for i in inspector.get_indexes("records")}:
+        conn.execute(text("CREATE INDEX records_by_repository_tag ON records (repository, built_as)"))
+
+
+
 APPEND_ONLY_CHECKPOINTS = "audit checkpoints are append-only"
 APPEND_ONLY_EVENTS = "audit events are append-only"
 PRUNE_ONLY = "audit events are removed only by 'promotion-gate audit prune', up to its signed prune marker"
 
 
-def _v3_chained_checkpoints(conn: Connection) -> None:
+def _v4_chained_checkpoints(conn: Connection) -> None:
     # The audit tables become append-only at the database too. Events and their index rows may be
     # deleted only up to a signed prune marker, which 'audit prune' writes in the same transaction.
     # Someone who can drop the triggers can still change the tables: the hash chains and the signed
@@ -168,4 +184,4 @@ def _v3_chained_checkpoints(conn: Connection) -> None:
                               f"EXECUTE FUNCTION promotion_gate_audit_refuse('{APPEND_ONLY_EVENTS}')"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only, _v3_chained_checkpoints]
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only, _v3_built_as, _v4_chained_checkpoints]

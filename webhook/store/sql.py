@@ -52,6 +52,7 @@ MAX_EVENT_READ_CHARS = 1024 * 1024  # larger events are answered without their t
 # Servers write events of at most 8 Mi characters (older versions: some of tens of MiB); anything far
 # larger was put there by hand, and reading it whole could exhaust the reader's memory.
 MAX_LOCAL_EVENT_CHARS = 64 * 1024 * 1024
+BUILDS_PER_TAG = 16
 
 
 def redact(url: str) -> str:
@@ -249,7 +250,7 @@ class SqlStore:
                 result = conn.execute(schema.records.insert().values(
                     id=record_id, kind=str(record.kind), repository=record.repository, digest=record.digest,
                     environment=record.environment, recorded_at=recorded_at, submitted_by=submitted_by,
-                    envelope=envelope_json))
+                    envelope=envelope_json, built_as=record.built_as or None))
             except IntegrityError as exc:
                 raise DuplicateRecord(record_id) from exc
             seq = result.inserted_primary_key[0] if result.inserted_primary_key else 0
@@ -264,6 +265,29 @@ class SqlStore:
                                 .order_by(schema.records.c.seq)).all()
         for row in rows:
             found[row.digest].append(self._stored(row))
+        return found
+
+    def records_for_subjects(self, digests: Sequence[str], tags: Sequence[tuple[str, str]],
+                             builds_per_tag: int = BUILDS_PER_TAG) -> dict[str, list[StoredRecord]]:
+        """Every record of ``digests`` and of the digests last recorded as built as each (repository, tag).
+
+        One statement, so admission's single round trip answers both "is this digest promoted?" and
+        "which digest was built as this tag?". Per tag, only the ``builds_per_tag`` newest builds
+        count: a tag such as ``latest`` recorded on every build must not load the whole history.
+        """
+        t = schema.records
+        conditions = [t.c.digest.in_(list(set(digests)))] if digests else []
+        for repository, tag in dict.fromkeys(tags):
+            builds = (sa.select(t.c.digest).where(t.c.repository == repository, t.c.built_as == tag)
+                      .order_by(t.c.seq.desc()).limit(builds_per_tag))
+            conditions.append(t.c.digest.in_(builds))
+        found: dict[str, list[StoredRecord]] = {d: [] for d in digests}
+        if not conditions:
+            return found
+        with self._reading() as conn:
+            rows = conn.execute(sa.select(t).where(sa.or_(*conditions)).order_by(t.c.seq)).all()
+        for row in rows:
+            found.setdefault(row.digest, []).append(self._stored(row))
         return found
 
     def records_for_digest(self, digest: str) -> list[StoredRecord]:
