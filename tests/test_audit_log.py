@@ -540,7 +540,7 @@ def test_a_log_written_before_chained_checkpoints_still_verifies_and_goes_on(kit
             event_seq=3, event_hash=prev, created_at="2026-01-01T00:00:00.000000Z", key_id=key.key_id,
             signature=base64.b64encode(key.sign(legacy_checkpoint_message(3, prev))).decode(), pruned_before=False))
     store.close()
-    upgraded = cli("audit", "verify", "--store", store_url, "--key", public_key(kit))  # migrates to version 3
+    upgraded = cli("audit", "verify", "--store", store_url, "--key", public_key(kit))  # migrates to version 4
     assert (upgraded.returncode, upgraded.stdout, upgraded.stderr) == (
         0, "audit log intact: 3 events, 1 signed checkpoints verified\n",
         "note: the log has only unchained checkpoints of an older version; the guarantees of chained checkpoints "

@@ -123,7 +123,7 @@ class AuditHit:
 
 @dataclass(frozen=True)
 class LegacyCheckpoint:
-    """An unchained checkpoint of a log written before version 3 of the schema."""
+    """An unchained checkpoint of a log written before version 4 of the schema."""
 
     seq: int
     event_seq: int
@@ -535,7 +535,7 @@ class SqlStore:
         return self._checkpoint(row) if row is not None else None
 
     def legacy_checkpoints(self, *, page: int = 1000) -> Iterator[LegacyCheckpoint]:
-        """The unchained checkpoints of logs written before version 3 of the schema."""
+        """The unchained checkpoints of logs written before version 4 of the schema."""
         c = schema.audit_checkpoints
         after = 0
         while True:
