@@ -1,4 +1,4 @@
-"""The admission webhook as the API server sees it: a real gunicorn process, real TLS, real payloads."""
+"""The admission webhook as the API server sees it: a real server process, real TLS, real payloads."""
 
 from __future__ import annotations
 
