@@ -38,6 +38,7 @@ from webhook.server.tls import CertificateReloader, ConnectionClosed, TlsStream
 log = logging.getLogger("promotion_gate.serve")
 
 CLIENT_CERTIFICATE = "promotion_gate.client_certificate"  # WSGI environ key: the verified peer certificate
+LINGER_SECONDS = 2.0
 MAX_BODY_BYTES = 8 * 1024 * 1024  # the API server sends at most ~3 MiB objects, twice for UPDATE
 
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -404,7 +405,7 @@ class _Exchange:
         try:
             complete = await _within(self._limits.body_timeout, CloseReason.BODY_TIMEOUT, collect())
         except PhaseTimeout:
-            await self._refuse(408, f"request body not received within {self._limits.body_timeout:g} seconds")
+            await self._refuse(408, f"request body not received within {self._limits.body_timeout:g} s")
             raise
         except h11.RemoteProtocolError as exc:
             await self._refuse(exc.error_status_hint, _protocol_error(exc))
@@ -424,17 +425,21 @@ class _Exchange:
         if not keep_alive:
             headers.append((b"connection", b"close"))
 
-        async def send_all() -> None:
-            await self._send(h11.Response(status_code=answer.status, headers=headers, reason=answer.reason))
-            if answer.body:
-                await self._send(h11.Data(data=answer.body))
-            await self._send(h11.EndOfMessage())
-
-        await _within(self._limits.write_timeout, CloseReason.WRITE_TIMEOUT, send_all())
+        data = self._h11.send(h11.Response(status_code=answer.status, headers=headers, reason=answer.reason)) or b""
+        if answer.body:
+            data += self._h11.send(h11.Data(data=answer.body)) or b""
+        data += self._h11.send(h11.EndOfMessage()) or b""
+        await _within(self._limits.write_timeout, CloseReason.WRITE_TIMEOUT, self._stream.write(data))
 
     async def _refuse(self, status: int, message: str) -> None:
         """A JSON error, then the connection closes (the rest of the request is never read)."""
         if self._h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        with contextlib.suppress(h11.LocalProtocolError, PhaseTimeout, ConnectionClosed, OSError, ssl.SSLError):
+        with contextlib.suppress(h11.LocalProtocolError, PhaseTimeout, TimeoutError, ConnectionClosed, OSError,
+                                 ssl.SSLError):
             await self._answer(json_answer(status, message), keep_alive=False)
+            # Lingering close: closing with unread bytes makes the kernel send a reset, which can
+            # destroy the answer before the client reads it. Read and drop for a moment first.
+            async with asyncio.timeout(LINGER_SECONDS):
+                while await self._stream.read():
+                    pass
