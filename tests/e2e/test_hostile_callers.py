@@ -41,7 +41,7 @@ def test_only_the_api_server_may_call_validate_when_a_client_ca_is_set(
         namespace = solo.namespace("e2e-client-ca")
         with pytest.raises(ApiException) as denied:
             core.create_namespaced_pod(namespace, manifests.pod("tagged", namespace, {"api": manifests.TAGGED}))
-        assert json.loads(denied.value.body)["message"] == (
+        assert json.loads(str(denied.value.body))["message"] == (
             'admission webhook "validate.promotion-gate.io" denied the request: [mutable-tag] Pod '
             f'{namespace}/tagged spec.containers[0] "api": image "{manifests.TAGGED}" is a mutable tag; '
             "deploy by digest: ghcr.io/acme/payment-api@sha256:<digest>")
