@@ -169,16 +169,49 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keepalive_timeout(has
 # --- connection bounds ----------------------------------------------------------------------------
 
 
-def test_the_oldest_stalled_connection_of_an_address_makes_room(tmp_path_factory: pytest.TempPathFactory) -> None:
+BOUNDS = {
+    "per address, client at the attacker's address": (["--max-connections-per-address", "4"], ATTACKER_ADDRESS),
+    "overall, client at another address": (["--max-connections", "4"], "127.0.0.1"),
+}
+
+
+@pytest.mark.parametrize(("bound", "source"), BOUNDS.values(), ids=BOUNDS.keys())
+def test_the_oldest_stalled_connection_makes_room(tmp_path_factory: pytest.TempPathFactory, bound: list[str],
+                                                  source: str) -> None:
     server = start_server(tmp_path_factory.mktemp("tight"), policy=DIGEST_ONLY_POLICY,
-                          extra=["--max-connections-per-address", "4", "--handshake-timeout", "60"])
+                          extra=[*bound, "--handshake-timeout", "60"])
     try:
         with stalled_connections(target(server), "handshake", 4) as attack:
-            _, answer = timed_admission(target(server), source=ATTACKER_ADDRESS)
+            _, answer = timed_admission(target(server), source=source)
             assert answer["response"]["allowed"] is True
             assert attack.still_open() == 3  # the first one was closed to make room
         assert metric(server, 'promotion_gate_connections_closed_total{reason="evicted"}') == 1
     finally:
+        server.stop()
+
+
+def test_bodies_in_memory_are_bounded_and_the_oldest_unfinished_one_makes_room(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    # 16 MiB of body memory; three clients each send 7 MiB of an 8 MiB body and stall.
+    server = start_server(tmp_path_factory.mktemp("bodies"), policy=DIGEST_ONLY_POLICY,
+                          extra=["--body-memory", "16", "--body-timeout", "60"])
+    t = target(server)
+    stalled = []
+    try:
+        for _ in range(3):
+            raw = socket.create_connection((t.host, t.port), timeout=30, source_address=(ATTACKER_ADDRESS, 0))
+            tls = t.context().wrap_socket(raw, server_hostname=t.host)
+            tls.sendall(b"POST /validate HTTP/1.1\r\nHost: gate\r\nContent-Length: 8388608\r\n\r\n")
+            tls.sendall(b" " * (7 * 2**20))
+            stalled.append(tls)
+        _, answer = timed_admission(t)
+        assert answer["response"]["allowed"] is True
+        assert metric(server, 'promotion_gate_connections_closed_total{reason="evicted"}') == 1
+        first_closed, _ = wait_closed(stalled[0], 5.0)
+        assert first_closed < 5.0, "the oldest unfinished body should have been dropped"
+    finally:
+        for connection in stalled:
+            connection.close()
         server.stop()
 
 

@@ -149,6 +149,8 @@ def test_webhook_deployment_defaults(default: Rendered) -> None:
         "1024",
         "--max-connections-per-address",
         "256",
+        "--body-memory",
+        "64",
         "--handshake-timeout",
         "5",
         "--header-timeout",

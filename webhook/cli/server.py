@@ -48,6 +48,9 @@ def certs(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
               type=click.IntRange(1, 100_000), help="Open connections per worker.")
 @click.option("--max-connections-per-address", default=LIMITS.max_connections_per_address, show_default=True,
               type=click.IntRange(1, 100_000), help="Open connections per client address, per worker.")
+@click.option("--body-memory", default=LIMITS.body_memory_bytes // 2**20, show_default=True,
+              type=click.IntRange(8, 65536),
+              help="MiB of request bodies a worker holds at once; the oldest body still arriving makes room.")
 @click.option("--handshake-timeout", default=LIMITS.handshake_timeout, show_default=True,
               type=click.FloatRange(0.1, 300), help="Seconds a client has to complete the TLS handshake.")
 @click.option("--header-timeout", default=LIMITS.header_timeout, show_default=True,
@@ -66,7 +69,7 @@ def certs(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
 @click.option("--baseline-endpoint", is_flag=True, hidden=True, help="Expose /baseline/allow for benchmarks.")
 def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, store: str | None,
           server_key: Path | None, use_kubernetes: bool | None, workers: int, threads: int,
-          max_connections: int, max_connections_per_address: int, handshake_timeout: float,
+          max_connections: int, max_connections_per_address: int, body_memory: int, handshake_timeout: float,
           header_timeout: float, body_timeout: float, keepalive_timeout: float,
           validate_client_ca: Path | None, validate_client_names: tuple[str, ...],
           baseline_endpoint: bool) -> None:
@@ -107,6 +110,7 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     except wiring.StartupError as exc:
         raise click.ClickException(str(exc)) from exc
     limits = replace(LIMITS, max_connections=max_connections, max_connections_per_address=max_connections_per_address,
+                     body_memory_bytes=body_memory * 2**20,
                      handshake_timeout=handshake_timeout, header_timeout=header_timeout, body_timeout=body_timeout,
                      keepalive_timeout=keepalive_timeout)
     options = serving.ServerOptions(bind=bind, tls=tls, workers=workers, threads=threads, limits=limits)

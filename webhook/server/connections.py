@@ -57,6 +57,7 @@ class Limits:
     max_header_bytes: int = 32 * 1024
     max_connections: int = 1024
     max_connections_per_address: int = 256
+    body_memory_bytes: int = 64 * 1024 * 1024  # request bodies held at once, from the first byte to the answer
 
 
 class Phase(enum.Enum):
@@ -82,6 +83,7 @@ class CloseReason(enum.StrEnum):
     TLS_ERROR = "tls-error"
     PROTOCOL_ERROR = "protocol-error"
     BODY_TOO_LARGE = "body-too-large"
+    BODY_MEMORY = "body-memory"
     EVICTED = "evicted"
     REFUSED = "refused"
 
@@ -107,6 +109,7 @@ class Tracked:
     phase: Phase = Phase.HANDSHAKE
     since: float = field(default_factory=time.monotonic)
     evicted: bool = False
+    held: int = 0  # bytes of request body this connection holds in memory
 
     def enter(self, phase: Phase) -> None:
         self.phase = phase
@@ -128,6 +131,7 @@ class ConnectionTable:
         self._events = events
         self._all: set[Tracked] = set()
         self._by_address: dict[str, set[Tracked]] = {}
+        self.held = 0
 
     def __len__(self) -> int:
         return len(self._all)
@@ -143,7 +147,28 @@ class ConnectionTable:
         self._events.open_connections(len(self._all))
         return True
 
+    def hold(self, tracked: Tracked, size: int) -> bool:
+        """Account ``size`` more bytes of ``tracked``'s body within the worker's body memory.
+
+        Room is made by closing the connections still receiving a body, oldest first (a prompt client's
+        body arrives in milliseconds); bodies of requests being answered are never dropped. False when
+        even that leaves no room.
+        """
+        while self.held + size > self._limits.body_memory_bytes:
+            receiving = [t for t in self._all if t.phase is Phase.BODY and t.held and t is not tracked]
+            if not receiving:
+                return False
+            self._evict(min(receiving, key=lambda t: t.since))
+        tracked.held += size
+        self.held += size
+        return True
+
+    def drop_body(self, tracked: Tracked) -> None:
+        self.held -= tracked.held
+        tracked.held = 0
+
     def release(self, tracked: Tracked) -> None:
+        self.drop_body(tracked)
         if tracked not in self._all:
             return
         self._all.discard(tracked)
@@ -158,12 +183,14 @@ class ConnectionTable:
         waiting = [t for t in scope if t.phase.evictable]
         if not waiting:
             return False
-        oldest = min(waiting, key=lambda t: t.since)
-        oldest.evicted = True
-        self.release(oldest)
-        oldest.transport.abort()  # its coroutine sees the connection lost and ends
-        self._events.closed(CloseReason.EVICTED)
+        self._evict(min(waiting, key=lambda t: t.since))
         return True
+
+    def _evict(self, tracked: Tracked) -> None:
+        tracked.evicted = True
+        self.release(tracked)
+        tracked.transport.abort()  # its coroutine sees the connection lost and ends
+        self._events.closed(CloseReason.EVICTED)
 
     def idle_or_waiting(self) -> list[Tracked]:
         return [t for t in self._all if t.phase.evictable]
@@ -253,6 +280,10 @@ def call_app(app: WsgiApp, environ: dict[str, Any]) -> Answer:
 
 
 # --- the connection ----------------------------------------------------------------------------------
+
+
+class BodyMemoryFull(Exception):
+    """The worker's body memory is taken by requests being answered."""
 
 
 class PhaseTimeout(Exception):
@@ -352,6 +383,7 @@ class _Exchange:
                 answer = json_answer(500, "internal server error")
             keep_alive = not self._c.stopping
             await self._answer(answer, keep_alive=keep_alive)
+            self._c.table.drop_body(self._tracked)
             if not keep_alive or self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
                 return
             self._h11.start_next_cycle()
@@ -397,6 +429,8 @@ class _Exchange:
                     body.extend(event.data)
                     if len(body) > limit:
                         return False
+                    if not self._c.table.hold(self._tracked, len(event.data)):
+                        raise BodyMemoryFull
                 elif isinstance(event, h11.EndOfMessage):
                     return True
                 else:  # ConnectionClosed
@@ -410,6 +444,10 @@ class _Exchange:
         except h11.RemoteProtocolError as exc:
             await self._refuse(exc.error_status_hint, _protocol_error(exc))
             raise PhaseTimeout(CloseReason.PROTOCOL_ERROR) from None
+        except BodyMemoryFull:
+            self._c.table.drop_body(self._tracked)
+            await self._refuse(503, "the server holds too many request bodies in memory; retry")
+            raise PhaseTimeout(CloseReason.BODY_MEMORY) from None
         if not complete:
             await self._refuse(413, f"request body is larger than {limit} bytes")
             raise PhaseTimeout(CloseReason.BODY_TOO_LARGE)
