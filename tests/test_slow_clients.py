@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import signal
 import socket
 import ssl
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import DIGEST_ONLY_POLICY
+from tools.reviews import review, workload
 from tools.servers import RunningServer, start_server
 from tools.slow_clients import (
     ATTACKER_ADDRESS,
@@ -271,3 +276,78 @@ def test_malformed_http_gets_a_json_error(guarded: RunningServer, request_bytes:
     status_line, body = raw_request(guarded, request_bytes, iter(()))
     assert status_line.startswith(b"HTTP/1.1 %d " % status)
     assert json.loads(body) == {"error": message, "code": status}
+
+
+def test_answers_a_client_does_not_take_count_against_body_memory(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # Three clients post reviews whose denials are about 10 MB each and never read them: the answers
+    # stay in the server's memory only until newer ones need the room.
+    server = start_server(tmp_path_factory.mktemp("readers"), policy=DIGEST_ONLY_POLICY,
+                          extra=["--body-memory", "16", "--body-timeout", "60"])
+    t = target(server)
+    body = json.dumps(review(workload("Pod", [f"r.example/team/app-{i}:{i}" for i in range(50_000)],
+                                      namespace="team-a"))).encode()
+    silent = []
+    try:
+        for _ in range(3):
+            raw = socket.socket()
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that takes almost nothing
+            raw.bind((ATTACKER_ADDRESS, 0))
+            raw.settimeout(60)
+            raw.connect((t.host, t.port))
+            tls = t.context().wrap_socket(raw, server_hostname=t.host)
+            tls.sendall(b"POST /validate HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            silent.append(tls)
+        deadline = time.monotonic() + 60
+        while metric(server, 'promotion_gate_connections_closed_total{reason="evicted"}') < 2:
+            assert time.monotonic() < deadline, "the oldest unread answers should have been dropped"
+            time.sleep(0.2)
+        _, answer = timed_admission(t)
+        assert answer["response"]["allowed"] is True
+    finally:
+        for connection in silent:
+            connection.close()
+        server.stop()
+
+
+def test_several_workers_serve_and_a_dead_one_is_replaced(tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = start_server(tmp_path_factory.mktemp("workers"), policy=DIGEST_ONLY_POLICY, extra=["--workers", "2"])
+    try:
+        def workers() -> list[int]:
+            children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children").read_text().split()
+            return [int(pid) for pid in children]
+
+        assert len(workers()) == 2
+        for _ in range(10):
+            assert timed_admission(target(server))[1]["response"]["allowed"] is True
+        os.kill(workers()[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(workers()) < 2:
+            assert time.monotonic() < deadline, "a dead worker should be replaced"
+            time.sleep(0.2)
+        for _ in range(10):
+            assert timed_admission(target(server))[1]["response"]["allowed"] is True
+        assert "exited (-9); starting a new one" in server.log()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+
+
+def test_a_request_under_way_is_answered_after_sigterm(tmp_path_factory: pytest.TempPathFactory) -> None:
+    server = start_server(tmp_path_factory.mktemp("graceful"), policy=DIGEST_ONLY_POLICY)
+    t = target(server)
+    body = json.dumps(review(workload("Pod", ["api:1.4"], namespace="team-a"))).encode()
+    with t.context().wrap_socket(socket.create_connection((t.host, t.port), timeout=30),
+                                 server_hostname=t.host) as tls:
+        tls.sendall(b"POST /validate HTTP/1.1\r\nHost: gate\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:10]))
+        time.sleep(0.3)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        tls.sendall(body[10:])
+        _, received = wait_closed(tls, 15.0)
+    head, _, answer = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert b"connection: close" in head.lower()
+    assert json.loads(answer)["response"]["allowed"] is False
+    assert server.process.wait(timeout=15) == 0

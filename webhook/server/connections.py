@@ -24,6 +24,7 @@ import logging
 import ssl
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,7 +65,8 @@ class Phase(enum.Enum):
     HANDSHAKE = "handshake"
     HEAD = "head"
     BODY = "body"
-    APP = "app"  # the request is complete and being answered: never evicted
+    APP = "app"  # the request is complete and the app is answering it: never evicted
+    WRITE = "write"  # the answer is being sent; a client that does not take it may lose it
     IDLE = "idle"
 
     @property
@@ -109,56 +111,67 @@ class Tracked:
     phase: Phase = Phase.HANDSHAKE
     since: float = field(default_factory=time.monotonic)
     evicted: bool = False
-    held: int = 0  # bytes of request body this connection holds in memory
-
-    def enter(self, phase: Phase) -> None:
-        self.phase = phase
-        self.since = time.monotonic()
+    held: int = 0  # bytes of request body (or of the answer being sent) this connection holds in memory
 
 
 class ConnectionTable:
-    """The open connections, bounded overall and per client address.
+    """The open connections, bounded overall and per client address, and the bodies they hold.
 
     When a new connection would pass a bound, the connection in that scope that has waited longest
-    without being answered (handshake, head, body or idle keep-alive) is closed to make room: a
-    client that stalls loses its own oldest connection first, and a prompt client (the API server
-    completes its handshake and request in milliseconds) is practically never the oldest. Only when
-    every connection in the scope is being answered is the new one refused.
+    without being answered (handshake, head, body, an answer it does not take, or idle keep-alive) is
+    closed to make room: a client that stalls loses its own oldest connection first, and a prompt
+    client (the API server completes its handshake and request in milliseconds) is practically never
+    the oldest. Only when every connection in the scope is being answered is the new one refused.
+
+    Each scope is kept in the order its connections entered their current phase, so the oldest
+    waiting one is found from the front, not by a scan.
     """
 
     def __init__(self, limits: Limits, events: ConnectionEvents) -> None:
         self._limits = limits
         self._events = events
-        self._all: set[Tracked] = set()
-        self._by_address: dict[str, set[Tracked]] = {}
+        self._all: OrderedDict[Tracked, None] = OrderedDict()
+        self._by_address: dict[str, OrderedDict[Tracked, None]] = {}
         self.held = 0
 
     def __len__(self) -> int:
         return len(self._all)
 
     def admit(self, tracked: Tracked) -> bool:
-        peers = self._by_address.get(tracked.address, set())
-        if len(peers) >= self._limits.max_connections_per_address and not self._evict_oldest(peers):
+        peers = self._by_address.get(tracked.address)
+        if peers is not None and len(peers) >= self._limits.max_connections_per_address \
+                and not self._evict_oldest(peers, lambda t: t.phase.evictable):
             return False
-        if len(self._all) >= self._limits.max_connections and not self._evict_oldest(self._all):
+        if len(self._all) >= self._limits.max_connections and not self._evict_oldest(
+                self._all, lambda t: t.phase.evictable):
             return False
-        self._all.add(tracked)
-        self._by_address.setdefault(tracked.address, set()).add(tracked)
+        self._all[tracked] = None
+        self._by_address.setdefault(tracked.address, OrderedDict())[tracked] = None
         self._events.open_connections(len(self._all))
         return True
 
-    def hold(self, tracked: Tracked, size: int) -> bool:
-        """Account ``size`` more bytes of ``tracked``'s body within the worker's body memory.
+    def enter(self, tracked: Tracked, phase: Phase) -> None:
+        tracked.phase = phase
+        tracked.since = time.monotonic()
+        if tracked in self._all:
+            self._all.move_to_end(tracked)
+            self._by_address[tracked.address].move_to_end(tracked)
 
-        Room is made by closing the connections still receiving a body, oldest first (a prompt client's
-        body arrives in milliseconds); bodies of requests being answered are never dropped. False when
-        even that leaves no room.
+    def hold(self, tracked: Tracked, size: int, *, force: bool = False) -> bool:
+        """Account ``size`` more bytes held by ``tracked`` within the worker's body memory.
+
+        Room is made by closing the connections still receiving a body or not taking their answer,
+        oldest first; requests the app is answering keep theirs. False (nothing accounted) when even
+        that leaves no room, unless ``force``: an answer already computed is sent regardless.
         """
+        def droppable(t: Tracked) -> bool:
+            return t.phase in (Phase.BODY, Phase.WRITE) and t.held > 0 and t is not tracked
+
         while self.held + size > self._limits.body_memory_bytes:
-            receiving = [t for t in self._all if t.phase is Phase.BODY and t.held and t is not tracked]
-            if not receiving:
-                return False
-            self._evict(min(receiving, key=lambda t: t.since))
+            if not self._evict_oldest(self._all, droppable):
+                if not force:
+                    return False
+                break
         tracked.held += size
         self.held += size
         return True
@@ -171,32 +184,30 @@ class ConnectionTable:
         self.drop_body(tracked)
         if tracked not in self._all:
             return
-        self._all.discard(tracked)
+        del self._all[tracked]
         peers = self._by_address.get(tracked.address)
         if peers is not None:
-            peers.discard(tracked)
+            peers.pop(tracked, None)
             if not peers:
                 del self._by_address[tracked.address]
         self._events.open_connections(len(self._all))
 
-    def _evict_oldest(self, scope: set[Tracked]) -> bool:
-        waiting = [t for t in scope if t.phase.evictable]
-        if not waiting:
+    def _evict_oldest(self, scope: OrderedDict[Tracked, None], eligible: Callable[[Tracked], bool]) -> bool:
+        oldest = next((t for t in scope if eligible(t)), None)
+        if oldest is None:
             return False
-        self._evict(min(waiting, key=lambda t: t.since))
+        oldest.evicted = True
+        self.release(oldest)
+        oldest.transport.abort()  # its coroutine sees the connection lost and ends
+        self._events.closed(CloseReason.EVICTED)
         return True
 
-    def _evict(self, tracked: Tracked) -> None:
-        tracked.evicted = True
-        self.release(tracked)
-        tracked.transport.abort()  # its coroutine sees the connection lost and ends
-        self._events.closed(CloseReason.EVICTED)
-
-    def idle_or_waiting(self) -> list[Tracked]:
-        return [t for t in self._all if t.phase.evictable]
+    def idle(self) -> list[Tracked]:
+        return [t for t in self._all if t.phase is Phase.IDLE]
 
     def busy(self) -> int:
-        return sum(1 for t in self._all if not t.phase.evictable)
+        """Connections with a request under way (each phase has its deadline, so this drains)."""
+        return sum(1 for t in self._all if t.phase is not Phase.IDLE)
 
 
 # --- WSGI --------------------------------------------------------------------------------------------
@@ -372,7 +383,7 @@ class _Exchange:
             body = await self._read_body(request)
             if body is None:
                 return
-            self._tracked.enter(Phase.APP)
+            self._c.table.enter(self._tracked, Phase.APP)
             environ = build_environ(request, body, client=self._client, server=self._server,
                                     client_certificate=certificate, multiprocess=self._c.multiprocess)
             loop = asyncio.get_running_loop()
@@ -381,9 +392,14 @@ class _Exchange:
             except Exception:
                 log.exception("the WSGI app failed on %s %r", request.method, request.target)
                 answer = json_answer(500, "internal server error")
+            del environ, body
+            table = self._c.table
+            table.drop_body(self._tracked)
+            table.enter(self._tracked, Phase.WRITE)
+            table.hold(self._tracked, len(answer.body), force=True)
             keep_alive = not self._c.stopping
             await self._answer(answer, keep_alive=keep_alive)
-            self._c.table.drop_body(self._tracked)
+            table.drop_body(self._tracked)
             if not keep_alive or self._h11.our_state is not h11.DONE or self._h11.their_state is not h11.DONE:
                 return
             self._h11.start_next_cycle()
@@ -398,10 +414,10 @@ class _Exchange:
 
     async def _read_head(self, first: bool) -> h11.Request | None:
         if not first and not self._h11.trailing_data[0]:
-            self._tracked.enter(Phase.IDLE)
+            self._c.table.enter(self._tracked, Phase.IDLE)
             data = await _within(self._limits.keepalive_timeout, CloseReason.IDLE_TIMEOUT, self._stream.read())
             self._h11.receive_data(data)
-        self._tracked.enter(Phase.HEAD)
+        self._c.table.enter(self._tracked, Phase.HEAD)
         try:
             event = await _within(self._limits.header_timeout, CloseReason.HEADER_TIMEOUT, self._next_event())
         except h11.RemoteProtocolError as exc:
@@ -412,7 +428,7 @@ class _Exchange:
         return None  # ConnectionClosed
 
     async def _read_body(self, request: h11.Request) -> bytes | None:
-        self._tracked.enter(Phase.BODY)
+        self._c.table.enter(self._tracked, Phase.BODY)
         limit = self._limits.max_body_bytes
         declared = next((v for k, v in request.headers if k == b"content-length"), None)
         if declared is not None and int(declared) > limit:  # h11 checked it is digits

@@ -28,6 +28,7 @@ from webhook.server.tls import CertificateReloader, TlsFiles
 log = logging.getLogger("promotion_gate.serve")
 GRACEFUL_SECONDS = 20.0  # in-flight requests get this long after SIGTERM
 RESPAWN_PAUSE = 1.0
+LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def listen(bind: str) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(socket.SOMAXCONN)
+    sock.listen(LISTEN_BACKLOG)
     sock.setblocking(False)
     return sock
 
@@ -82,14 +83,16 @@ async def _serve_worker(sock: socket.socket, options: ServerOptions, served: Ser
     connections = Connections(app=served.app, certificates=CertificateReloader(options.tls), pool=pool,
                               limits=options.limits, events=served.events, multiprocess=options.workers > 1)
     # The stream reader's own buffer limit; TLS records arrive in 16 KiB reads anyway.
-    server = await asyncio.start_server(connections.handle, sock=sock, limit=64 * 1024)
+    # asyncio listens again with its own backlog (100 by default): keep the kernel's queue long, so a
+    # burst of new connections waits to be accepted rather than for a SYN retransmission.
+    server = await asyncio.start_server(connections.handle, sock=sock, limit=64 * 1024, backlog=LISTEN_BACKLOG)
     try:
         await stop.wait()
     finally:
         connections.stopping = True
         server.close()
-        for waiting in connections.table.idle_or_waiting():
-            waiting.transport.abort()
+        for idle in connections.table.idle():  # requests under way are answered (Connection: close)
+            idle.transport.abort()
         deadline = time.monotonic() + GRACEFUL_SECONDS
         while connections.table.busy() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
