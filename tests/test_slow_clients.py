@@ -304,6 +304,10 @@ def test_answers_a_client_does_not_take_count_against_body_memory(tmp_path_facto
             time.sleep(0.2)
         _, answer = timed_admission(t)
         assert answer["response"]["allowed"] is True
+        # The last one was never dropped for room: the write deadline (10 s) closes it.
+        while metric(server, 'promotion_gate_connections_closed_total{reason="write-timeout"}') < 1:
+            assert time.monotonic() < deadline, "an answer not taken within 10 s should be abandoned"
+            time.sleep(0.5)
     finally:
         for connection in silent:
             connection.close()
