@@ -338,6 +338,8 @@ class Connections:
             reason = CloseReason.TLS_ERROR
         except (ConnectionClosed, ConnectionError, OSError):
             pass
+        except Exception:  # a fault of the server itself: logged, and the connection closed
+            log.exception("connection from %s failed", tracked.address)
         finally:
             self.table.release(tracked)
             if reason is not None and not tracked.evicted:
