@@ -163,4 +163,5 @@ class _Supervisor:
             if not self._stopping:
                 log.error("worker %d exited (%s); starting a new one", pid, os.waitstatus_to_exitcode(status))
                 time.sleep(RESPAWN_PAUSE)
-                self._spawn()
+                if not self._stopping:  # a SIGTERM during the pause: no new worker that nobody would stop
+                    self._spawn()
