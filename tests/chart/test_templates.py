@@ -26,6 +26,9 @@ PROVIDED = {
     "certificates.provided.caBundle": CA_BUNDLE,
 }
 URL = {"webhook.url": "https://127.0.0.1:9443/validate", "webhook.caBundle": CA_BUNDLE}
+CLIENT_CA = {"server.validateClientCA.enabled": True, "server.validateClientCA.configMap": "apiserver-client-ca",
+             "server.validateClientCA.allowedNames": ["kube-apiserver"]}
+NETWORK_POLICY = {"networkPolicy.enabled": True, "networkPolicy.apiServer.cidrs": ["10.0.0.10/32"]}
 
 # Value sets every object-level check runs against.
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -44,6 +47,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "metrics.serviceMonitor.enabled": True,
         "webhook.namespaceSelector.mode": "optIn",
         "priorityClassName": "high",
+        **CLIENT_CA,
+        **NETWORK_POLICY,
     },
 }
 
@@ -140,6 +145,20 @@ def test_webhook_deployment_defaults(default: Rendered) -> None:
         "1",
         "--threads",
         "8",
+        "--max-connections",
+        "1024",
+        "--max-connections-per-address",
+        "256",
+        "--body-memory",
+        "64",
+        "--handshake-timeout",
+        "5",
+        "--header-timeout",
+        "5",
+        "--body-timeout",
+        "10",
+        "--keepalive-timeout",
+        "75",
     ]
     assert container["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
@@ -163,7 +182,7 @@ def test_serve_arguments_and_environment_exist_in_the_cli(default: Rendered) -> 
     # The chart and `promotion-gate serve` must agree on every option and environment variable.
     serve = cli_mod.main.commands["serve"]
     options = {opt for param in serve.params if isinstance(param, click.Option) for opt in param.opts}
-    rendered = render({"serverKey.enabled": True, "serverKey.existingSecret": "k", **SQLITE})
+    rendered = render({"serverKey.enabled": True, "serverKey.existingSecret": "k", **SQLITE, **CLIENT_CA})
     for args in (default.container()["args"], rendered.container()["args"]):
         assert {a for a in args if a.startswith("--")} <= options
     envvars = {param.envvar for param in serve.params if isinstance(param, click.Option)}
@@ -288,6 +307,16 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         "serverKey.enabled=true needs serverKey.existingSecret",
     ),
     "API tokens without tokens": ({"apiTokens.enabled": True}, "apiTokens.enabled=true needs"),
+    "client CA without its ConfigMap": (
+        {"server.validateClientCA.enabled": True},
+        "server.validateClientCA.configMap is required when server.validateClientCA.enabled",
+    ),
+    "network policy that names no API server": (
+        {"networkPolicy.enabled": True},
+        "networkPolicy.enabled needs networkPolicy.apiServer.cidrs or networkPolicy.apiServer.namespaceSelector "
+        "(where the API server connects from): a policy without them cuts the API server off, and with "
+        "failurePolicy Fail every workload change is denied",
+    ),
 }
 
 
@@ -699,3 +728,54 @@ def test_helm_test_pod_posts_to_the_service_with_the_right_ca(default: Rendered)
     pinned = render({"tests.image.repository": "r.example/python", "tests.image.digest": DIGEST}).one("Pod")
     assert pinned["spec"]["containers"][0]["image"] == f"r.example/python@{DIGEST}"
     assert render({"tests.enabled": False}).of_kind("Pod") == []
+
+
+# --- who may reach /validate ------------------------------------------------------------------------
+
+
+def test_the_client_ca_comes_from_a_configmap_and_names_the_allowed_certificates() -> None:
+    rendered = render(CLIENT_CA)
+    args = rendered.container()["args"]
+    assert args[args.index("--validate-client-ca") + 1] == "/etc/promotion-gate/validate-client-ca/ca.crt"
+    assert args[args.index("--validate-client-name") + 1] == "kube-apiserver"
+    volumes = rendered.deployment()["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "validate-client-ca", "configMap": {"name": "apiserver-client-ca",
+                                                          "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in volumes
+
+
+def test_no_network_policy_and_no_client_ca_by_default(default: Rendered) -> None:
+    assert default.of_kind("NetworkPolicy") == []
+    assert "--validate-client-ca" not in default.container()["args"]
+
+
+PEERS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+    "self-managed: the API servers' addresses": (
+        {"networkPolicy.apiServer.cidrs": ["10.0.0.10/32", "10.0.0.11/32"]},
+        [{"ipBlock": {"cidr": "10.0.0.10/32"}}, {"ipBlock": {"cidr": "10.0.0.11/32"}}]),
+    "managed: the konnectivity agents": (
+        {"networkPolicy.apiServer.namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+         "networkPolicy.apiServer.podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}},
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+          "podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}}]),
+}
+
+
+@pytest.mark.parametrize(("values", "peers"), PEERS.values(), ids=PEERS.keys())
+def test_network_policy_admits_only_the_api_server_to_the_webhook_port(values: dict[str, Any],
+                                                                       peers: list[dict[str, Any]]) -> None:
+    rendered = render({"networkPolicy.enabled": True, "tests.enabled": False, **values})
+    policy = rendered.one("NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": rendered.deployment()["spec"]["selector"]["matchLabels"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "https", "protocol": "TCP"}], "from": peers}]
+
+
+def test_network_policy_lets_the_helm_test_pod_and_extra_rules_in() -> None:
+    monitoring = {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                  "ports": [{"port": 8443, "protocol": "TCP"}]}
+    rendered = render({**NETWORK_POLICY, "networkPolicy.extraIngress": [monitoring]})
+    ingress = rendered.one("NetworkPolicy")["spec"]["ingress"]
+    test_pod = rendered.one("Pod")["metadata"]["labels"]
+    (helm_test,) = [rule for rule in ingress if "podSelector" in rule["from"][0]]
+    assert helm_test["from"][0]["podSelector"]["matchLabels"].items() <= test_pod.items()
+    assert ingress[-1] == monitoring
