@@ -8,8 +8,9 @@ STAMP       := $(VENV)/.installed-stamp
 TOOLCHAIN   := tools/build-toolchain.sh
 TOOLBIN     := $(shell echo $${PROMOTION_GATE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.cache}/promotion-gate})/bin
 PYTEST_ARGS ?=
+FUZZ_BODIES ?= 100000
 
-.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind faults clean \
+.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind faults fuzz clean \
         e2e-cluster cluster-deps cluster-toolchain cluster-images cluster-up cluster-down
 
 help:
@@ -19,6 +20,7 @@ help:
 	@echo "make lint       ruff, mypy and the import layers (import-linter)"
 	@echo "make bench      benchmarks, reported as ratios against a baseline (docs/benchmarks.md)"
 	@echo "make faults     kill -9 under load on both backends, FAULT_CYCLES (50) times each: nothing acknowledged lost"
+	@echo "make fuzz       property-based fuzzing of /validate and the record API (FUZZ_BODIES, default 100000)"
 	@echo "make manifests  re-render manifests/ from the Helm chart"
 	@echo "make e2e-kind   the end-to-end suite against a kind cluster (needs Docker)"
 	@echo "make e2e-cluster  the chart, its image and real Pods on a single-node cluster (root, no Docker)"
@@ -78,6 +80,10 @@ faults: venv system-deps
 bench: venv system-deps
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	$(BIN)/python -m tools.bench
+
+# The long fuzzing run; make test runs the same tests with a short count (docs/security.md).
+fuzz: venv
+	FUZZ_BODIES=$(FUZZ_BODIES) FUZZ_REPORT=fuzz-results.json $(BIN)/pytest tests/test_fuzz.py -q -s -p no:cacheprovider --timeout=0 $(PYTEST_ARGS)
 
 manifests: venv toolchain
 	$(BIN)/python -m tools.render_manifests

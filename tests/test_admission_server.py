@@ -1,4 +1,4 @@
-"""The admission webhook as the API server sees it: a real gunicorn process, real TLS, real payloads."""
+"""The admission webhook as the API server sees it: a real server process, real TLS, real payloads."""
 
 from __future__ import annotations
 
@@ -207,3 +207,39 @@ def test_get_on_validate_is_405_json(digest_only_server: RunningServer) -> None:
     reply = digest_only_server.get("/validate")
     assert reply.status_code == 405
     assert reply.json()["code"] == 405
+
+
+BREAK_GLASS_POLICY = """\
+apiVersion: promotion-gate.io/v1
+kind: Policy
+namespaces:
+  unmapped: digest-only
+  environments: {payments: production}
+environments:
+  - name: production
+breakGlass:
+  users: [oncall@acme.example]
+"""
+
+
+def series(metrics_text: str, name: str) -> list[str]:
+    return [line for line in metrics_text.splitlines() if line.startswith(name + "{")]
+
+
+def test_made_up_namespaces_create_no_metric_series(server_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # 500 forged break-glass admissions, each in a namespace nobody created: one series, not 500.
+    gate = server_factory(policy=BREAK_GLASS_POLICY, store=f"sqlite:///{tmp_path / 'store.db'}")
+    for i in range(500):
+        obj = workload("Pod", ["api:1.4"], namespace=f"made-up-{i}",
+                       annotations={"promotion-gate.io/break-glass": "INC-1"})
+        answer = gate.post("/validate", json=review(obj, user="oncall@acme.example")).json()
+        assert answer["response"]["allowed"] is True
+    obj = workload("Pod", ["api:1.4"], namespace="payments", annotations={"promotion-gate.io/break-glass": "INC-2"})
+    gate.post("/validate", json=review(obj, user="oncall@acme.example"))
+    text = gate.get("/metrics").text
+    assert series(text, "promotion_gate_break_glass_total") == [
+        'promotion_gate_break_glass_total{environment="",namespace=""} 500.0',
+        'promotion_gate_break_glass_total{environment="production",namespace="payments"} 1.0',
+    ]
+    labelled = [line for line in text.splitlines() if line.startswith("promotion_gate_") and "{" in line]
+    assert not [line for line in labelled if "made-up" in line]

@@ -217,7 +217,7 @@ def test_a_lone_surrogate_is_refused_at_ingest_and_what_is_stored_always_prints(
 def test_audit_paging_takes_only_a_sequence_number(gate: RunningServer, kit: Kit, after: str) -> None:
     reply = gate.get("/api/v1/audit", params={"after": after}, headers={"Authorization": f"Bearer {kit.token('reader')}"})
     assert (reply.status_code, reply.json()) == (
-        400, {"error": "after must be an event sequence number (0 to 999999999999999999)", "code": 400})
+        400, {"error": "after must be a whole number from 0 to 9223372036854775807", "code": 400})
 
 
 @pytest.mark.parametrize(("params", "message"), [
@@ -245,3 +245,56 @@ def test_promoted_digest_of_a_tag_is_answered_per_image(gate: RunningServer, kit
          "digest": built, "reference": f"ghcr.io/acme/payment-api@{built}", "builtAs": [built]},
         {"image": "ghcr.io/acme/payment-api:v8", "repository": "ghcr.io/acme/payment-api", "tag": "v8",
          "digest": None, "reference": None, "builtAs": []}]}
+
+
+@pytest.mark.parametrize("scheme", ["bearer", "BEARER", "Bearer"])
+def test_the_auth_scheme_is_case_insensitive(gate: RunningServer, kit: Kit, scheme: str) -> None:
+    reply = gate.get("/api/v1/environments", headers={"Authorization": f"{scheme} {kit.token('reader')}"})
+    assert reply.status_code == 200
+    assert reply.json() == {"environments": ["ci", "staging", "production"]}
+
+
+AFTER = "after must be a whole number from 0 to 9223372036854775807"
+LIMIT = "limit must be a whole number from 1 to 1000"
+TEXT = "must be at most 1024 characters, without control characters"
+BAD_PARAMETERS = {
+    "after superscript two": ("/api/v1/records", {"after": "²"}, AFTER),
+    "after of 5000 digits": ("/api/v1/records", {"after": "9" * 5000}, AFTER),
+    "after 2^100": ("/api/v1/records", {"after": str(2**100)}, AFTER),
+    "after 2^63": ("/api/v1/records", {"after": str(2**63)}, AFTER),
+    "after negative": ("/api/v1/records", {"after": "-1"}, AFTER),
+    "after Arabic-Indic digits": ("/api/v1/records", {"after": "١٢"}, AFTER),
+    "after empty": ("/api/v1/records", {"after": ""}, AFTER),
+    "limit zero": ("/api/v1/records", {"limit": "0"}, LIMIT),
+    "limit 1001": ("/api/v1/records", {"limit": "1001"}, LIMIT),
+    "limit 2^100": ("/api/v1/records", {"limit": str(2**100)}, LIMIT),
+    "limit fraction": ("/api/v1/audit", {"limit": "1.5"}, LIMIT),
+    "audit limit of 5000 digits": ("/api/v1/audit", {"limit": "9" * 5000}, LIMIT),
+    "allowed neither true nor false": ("/api/v1/audit", {"allowed": "maybe"}, "allowed must be true or false"),
+    "namespace with NUL": ("/api/v1/audit", {"namespace": "a\x00b"}, f"namespace {TEXT}"),
+    "user with a newline": ("/api/v1/audit", {"user": "a\nb"}, f"user {TEXT}"),
+    "environment of 2000 characters": ("/api/v1/records", {"environment": "e" * 2000}, f"environment {TEXT}"),
+    "reason with a wildcard": ("/api/v1/audit", {"reason": "%"},
+                               "reason must be a reason code such as not-promoted or break-glass"),
+    "digest with a trailing newline": ("/api/v1/records", {"digest": "sha256:" + "a" * 64 + "\n"}, f"digest {TEXT}"),
+}
+
+
+@pytest.mark.parametrize(("path", "params", "message"), BAD_PARAMETERS.values(), ids=BAD_PARAMETERS.keys())
+def test_every_parameter_is_parsed_strictly(gate: RunningServer, kit: Kit, path: str, params: dict[str, str],
+                                            message: str) -> None:
+    reply = gate.get(path, params=params, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert reply.status_code == 400
+    assert reply.json() == {"error": message, "code": 400}
+
+
+def test_paging_with_after_and_limit(gate: RunningServer, kit: Kit) -> None:
+    for digit in "67":
+        post(gate, signed(kit, digest="sha256:" + digit * 64), kit.token("ci-bot"))
+    auth = {"Authorization": f"Bearer {kit.token('reader')}"}
+    everything = gate.get("/api/v1/records", params={"limit": "1000"}, headers=auth).json()["records"]
+    assert len(everything) >= 2
+    first = gate.get("/api/v1/records", params={"limit": "1"}, headers=auth).json()["records"]
+    after = gate.get("/api/v1/records", params={"after": str(first[0]["seq"]), "limit": "1"}, headers=auth).json()
+    assert [r["seq"] for r in first + after["records"]] == [r["seq"] for r in everything[:2]]
+    assert gate.get("/api/v1/records", params={"after": str(2**63 - 1)}, headers=auth).json() == {"records": []}

@@ -1,6 +1,6 @@
 """`make bench`: performance of the admission path, always as a ratio against a baseline run side by side.
 
-Each scenario runs the real server process (gunicorn, TLS, keep-alive) and drives it with wrk from a
+Each scenario runs the real server process (TLS, keep-alive) and drives it with wrk from a
 loopback client. Throughput and latency percentiles are reported next to a baseline measured in the
 same run on the same machine: the ``/baseline/allow`` endpoint (same stack, no policy), the same
 lookup at a smaller store, or the same path without audit logging. Results go to

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TextIO
 import orjson
 
 from webhook.core import findings, keys
+from webhook.core.audit_limits import bound_event
 from webhook.core.decision import Verdict
 from webhook.core.findings import Reason
 from webhook.core.policy import OnWriteFailure, Policy
@@ -51,8 +52,12 @@ def _object_name(request: AdmissionRequest) -> str:
 
 
 def audit_event(request: AdmissionRequest, verdict: Verdict, policy_digest: str = "") -> dict[str, Any]:
-    """The security team's view of one decision; field names are a stable contract (docs/security.md)."""
-    return {
+    """The security team's view of one decision; field names are a stable contract (docs/security.md).
+
+    Whoever reaches /validate chooses the request's contents, so the event is bounded
+    (:func:`webhook.core.audit_limits.bound_event`: at most 64 KiB, cuts named in ``truncated``).
+    """
+    return bound_event({
         "time": now_rfc3339(),
         "uid": request.uid,
         "user": request.user.username,
@@ -84,7 +89,7 @@ def audit_event(request: AdmissionRequest, verdict: Verdict, policy_digest: str 
         "breakGlassRefused": verdict.break_glass_refused,
         "skipped": verdict.skipped,
         "policy": policy_digest,
-    }
+    })
 
 
 class DecisionLog(Protocol):

@@ -8,9 +8,13 @@ needs only get/list/watch on namespaces); locally the static map alone serves.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
+
+from cachetools import TTLCache
 
 from webhook.core.policy import Policy
 
@@ -18,8 +22,19 @@ ENVIRONMENT_LABEL = "promotion-gate.io/environment"
 log = logging.getLogger("promotion_gate.environments")
 
 
+# A namespace name is a DNS label (RFC 1123): anything else cannot exist, and is never looked up.
+NAMESPACE_NAME = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+MISSING_TTL_SECONDS = 60.0  # how long "no such namespace" is believed before the API server is asked again
+MISSING_CACHE_SIZE = 10_000
+LOOKUPS_PER_SECOND = 5.0  # direct GETs on a cache miss; beyond this a miss is answered "unknown" at once
+
+
 class EnvironmentResolver(Protocol):
     def environment_of(self, namespace: str) -> str | None: ...
+
+    def known(self, namespace: str) -> bool:
+        """Whether the namespace exists, as far as the resolver knows (bounds metric label values)."""
+        ...
 
 
 class StaticEnvironments:
@@ -29,14 +44,46 @@ class StaticEnvironments:
     def environment_of(self, namespace: str) -> str | None:
         return self._map.get(namespace)
 
+    def known(self, namespace: str) -> bool:
+        return namespace in self._map
+
+
+class LookupBudget:
+    """A token bucket: at most ``rate`` lookups a second on average, ``burst`` at once."""
+
+    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rate, self._burst, self._clock = rate, burst, clock
+        self._tokens = burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
+            self._last = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
 
 class KubernetesEnvironments:
-    """Namespace labels from a list+watch loop; a cache miss falls back to one direct GET."""
+    """Namespace labels from a list+watch loop.
 
-    def __init__(self, policy: Policy, core_api: Any, *, get_timeout: float = 2.0) -> None:
+    A namespace the cache does not hold is looked up with one direct GET (a namespace created a moment
+    ago may be judged before its watch event arrives), but only when its name could exist, at most
+    ``LOOKUPS_PER_SECOND``, and "not found" is remembered for ``MISSING_TTL_SECONDS``: a caller who
+    makes up namespace names costs the API server almost nothing.
+    """
+
+    def __init__(self, policy: Policy, core_api: Any, *, get_timeout: float = 2.0,
+                 budget: LookupBudget | None = None) -> None:
         self._static = dict(policy.namespace_environments)
         self._api = core_api
         self._labels: dict[str, str | None] = {}
+        self._missing: TTLCache[str, bool] = TTLCache(maxsize=MISSING_CACHE_SIZE, ttl=MISSING_TTL_SECONDS)
+        self._budget = budget or LookupBudget(LOOKUPS_PER_SECOND, burst=LOOKUPS_PER_SECOND * 4)
         self._lock = threading.Lock()
         self._synced = threading.Event()
         self._stop = threading.Event()
@@ -62,11 +109,23 @@ class KubernetesEnvironments:
             label = self._get(namespace)
         return label or self._static.get(namespace)
 
+    def known(self, namespace: str) -> bool:
+        with self._lock:
+            return namespace in self._labels
+
     def _get(self, namespace: str) -> str | None:
+        with self._lock:
+            missing = namespace in self._missing
+        if missing or not NAMESPACE_NAME.fullmatch(namespace) or not self._budget.take():
+            return None
         try:
             ns = self._api.read_namespace(namespace, _request_timeout=self._get_timeout)
         except Exception as exc:  # an unknown namespace simply has no label
-            log.warning("cannot read namespace %s: %s", namespace, exc)
+            if getattr(exc, "status", None) == 404:
+                with self._lock:
+                    self._missing[namespace] = True
+            else:
+                log.warning("cannot read namespace %s: %s", namespace[:63], exc)
             return None
         label = (ns.metadata.labels or {}).get(ENVIRONMENT_LABEL)
         with self._lock:
@@ -99,6 +158,7 @@ class KubernetesEnvironments:
                             self._labels.pop(ns.metadata.name, None)
                         else:
                             self._labels[ns.metadata.name] = (ns.metadata.labels or {}).get(ENVIRONMENT_LABEL)
+                            self._missing.pop(ns.metadata.name, None)
             except Exception as exc:
                 log.warning("namespace watch interrupted (%s); re-listing in %.0fs", exc, backoff)
                 time.sleep(backoff)

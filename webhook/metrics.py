@@ -64,4 +64,14 @@ class Metrics:
             "promotion_gate_records", "Promotion records submitted to the store", ["environment", "result"],
             registry=r,
         )
+        self.connections_open = Gauge(
+            "promotion_gate_connections_open", "Client connections open in this worker process", registry=r,
+        )
+        self.connections_closed = Counter(
+            "promotion_gate_connections_closed",
+            "Connections the server closed before answering them: a phase deadline passed (handshake-timeout, "
+            "header-timeout, body-timeout, idle-timeout, write-timeout), TLS or HTTP errors, a body over the limit, "
+            "or a connection bound (evicted: the oldest waiting connection made room; refused)",
+            ["reason"], registry=r,
+        )
         self.ready = Gauge("promotion_gate_ready", "1 when the server is ready to judge requests", registry=r)

@@ -38,6 +38,9 @@ URL = {"webhook.url": "https://127.0.0.1:9443/validate", "webhook.caBundle": CA_
 # The server key signs audit checkpoints; the policy names its public key, and the operator anchors the log.
 SERVER_KEY = server_key_values()
 SERVER_PUBLIC_KEY = SERVER_KEY["policy.keys"]["server"]["publicKey"]
+CLIENT_CA = {"server.validateClientCA.enabled": True, "server.validateClientCA.configMap": "apiserver-client-ca",
+             "server.validateClientCA.allowedNames": ["kube-apiserver"]}
+NETWORK_POLICY = {"networkPolicy.enabled": True, "networkPolicy.apiServer.cidrs": ["10.0.0.10/32"]}
 
 # Value sets every object-level check runs against.
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -55,6 +58,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "metrics.serviceMonitor.enabled": True,
         "webhook.namespaceSelector.mode": "optIn",
         "priorityClassName": "high",
+        **CLIENT_CA,
+        **NETWORK_POLICY,
     },
 }
 
@@ -151,6 +156,20 @@ def test_webhook_deployment_defaults(default: Rendered) -> None:
         "1",
         "--threads",
         "8",
+        "--max-connections",
+        "1024",
+        "--max-connections-per-address",
+        "256",
+        "--body-memory",
+        "64",
+        "--handshake-timeout",
+        "5",
+        "--header-timeout",
+        "5",
+        "--body-timeout",
+        "10",
+        "--keepalive-timeout",
+        "75",
     ]
     assert container["ports"] == [{"name": "https", "containerPort": 8443, "protocol": "TCP"}]
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
@@ -174,7 +193,7 @@ def test_serve_arguments_and_environment_exist_in_the_cli(default: Rendered) -> 
     # The chart and `promotion-gate serve` must agree on every option and environment variable.
     serve = cli_mod.main.commands["serve"]
     options = {opt for param in serve.params if isinstance(param, click.Option) for opt in param.opts}
-    rendered = render({**SERVER_KEY, **SQLITE})
+    rendered = render({**SERVER_KEY, **SQLITE, **CLIENT_CA})
     for args in (default.container()["args"], rendered.container()["args"]):
         assert {a for a in args if a.startswith("--")} <= options
     envvars = {param.envvar for param in serve.params if isinstance(param, click.Option)}
@@ -310,6 +329,16 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         {"policy.keys": SERVER_KEY["policy.keys"], "policy.audit": SERVER_KEY["policy.audit"]},
         "policy.audit.checkpointKeys promises signed audit checkpoints: set serverKey.enabled=true with "
         "serverKey.existingSecret (the private key of one of them).",
+    ),
+    "client CA without its ConfigMap": (
+        {"server.validateClientCA.enabled": True},
+        "server.validateClientCA.configMap is required when server.validateClientCA.enabled",
+    ),
+    "network policy that names no API server": (
+        {"networkPolicy.enabled": True},
+        "networkPolicy.enabled needs networkPolicy.apiServer.cidrs or networkPolicy.apiServer.namespaceSelector "
+        "(where the API server connects from): a policy without them cuts the API server off, and with "
+        "failurePolicy Fail every workload change is denied",
     ),
 }
 
@@ -741,3 +770,54 @@ def test_helm_test_pod_posts_to_the_service_with_the_right_ca(default: Rendered)
     pinned = render({"tests.image.repository": "r.example/python", "tests.image.digest": DIGEST}).one("Pod")
     assert pinned["spec"]["containers"][0]["image"] == f"r.example/python@{DIGEST}"
     assert render({"tests.enabled": False}).of_kind("Pod") == []
+
+
+# --- who may reach /validate ------------------------------------------------------------------------
+
+
+def test_the_client_ca_comes_from_a_configmap_and_names_the_allowed_certificates() -> None:
+    rendered = render(CLIENT_CA)
+    args = rendered.container()["args"]
+    assert args[args.index("--validate-client-ca") + 1] == "/etc/promotion-gate/validate-client-ca/ca.crt"
+    assert args[args.index("--validate-client-name") + 1] == "kube-apiserver"
+    volumes = rendered.deployment()["spec"]["template"]["spec"]["volumes"]
+    assert {"name": "validate-client-ca", "configMap": {"name": "apiserver-client-ca",
+                                                          "items": [{"key": "ca.crt", "path": "ca.crt"}]}} in volumes
+
+
+def test_no_network_policy_and_no_client_ca_by_default(default: Rendered) -> None:
+    assert default.of_kind("NetworkPolicy") == []
+    assert "--validate-client-ca" not in default.container()["args"]
+
+
+PEERS: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = {
+    "self-managed: the API servers' addresses": (
+        {"networkPolicy.apiServer.cidrs": ["10.0.0.10/32", "10.0.0.11/32"]},
+        [{"ipBlock": {"cidr": "10.0.0.10/32"}}, {"ipBlock": {"cidr": "10.0.0.11/32"}}]),
+    "managed: the konnectivity agents": (
+        {"networkPolicy.apiServer.namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+         "networkPolicy.apiServer.podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}},
+        [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+          "podSelector": {"matchLabels": {"k8s-app": "konnectivity-agent"}}}]),
+}
+
+
+@pytest.mark.parametrize(("values", "peers"), PEERS.values(), ids=PEERS.keys())
+def test_network_policy_admits_only_the_api_server_to_the_webhook_port(values: dict[str, Any],
+                                                                       peers: list[dict[str, Any]]) -> None:
+    rendered = render({"networkPolicy.enabled": True, "tests.enabled": False, **values})
+    policy = rendered.one("NetworkPolicy")
+    assert policy["spec"]["podSelector"] == {"matchLabels": rendered.deployment()["spec"]["selector"]["matchLabels"]}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": "https", "protocol": "TCP"}], "from": peers}]
+
+
+def test_network_policy_lets_the_helm_test_pod_and_extra_rules_in() -> None:
+    monitoring = {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                  "ports": [{"port": 8443, "protocol": "TCP"}]}
+    rendered = render({**NETWORK_POLICY, "networkPolicy.extraIngress": [monitoring]})
+    ingress = rendered.one("NetworkPolicy")["spec"]["ingress"]
+    test_pod = rendered.one("Pod")["metadata"]["labels"]
+    (helm_test,) = [rule for rule in ingress if "podSelector" in rule["from"][0]]
+    assert helm_test["from"][0]["podSelector"]["matchLabels"].items() <= test_pod.items()
+    assert ingress[-1] == monitoring

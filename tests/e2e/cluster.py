@@ -146,6 +146,9 @@ class Cluster:
     versions: dict[str, str] = field(default_factory=dict)
     startup_seconds: float | None = None
     logs: dict[str, Path] = field(default_factory=dict)
+    # The CA of the client certificate kube-apiserver presents to every webhook (its AdmissionConfiguration);
+    # None on a cluster the tests did not start.
+    webhook_client_ca: Path | None = None
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True,
                 timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -245,6 +248,9 @@ class Pki:
     admin_key: Path
     sa_private: Path
     sa_public: Path
+    webhook_client_ca: Path
+    webhook_client_cert: Path
+    webhook_client_key: Path
 
     @classmethod
     def generate(cls, directory: Path) -> Pki:
@@ -260,10 +266,15 @@ class Pki:
                                           serialization.NoEncryption())
         sa_public = sa_key.public_key().public_bytes(serialization.Encoding.PEM,
                                                      serialization.PublicFormat.SubjectPublicKeyInfo)
+        # What kube-apiserver presents to webhooks (throw-away test credentials, generated per run).
+        webhook_client_ca, webhook_client_ca_key = certs.new_ca("promotion-gate e2e webhook-client CA")
+        webhook_client_cert, webhook_client_key = certs.issue(webhook_client_ca, webhook_client_ca_key, (),
+                                                              client=True, common_name="kube-apiserver")
         contents = {
             "serving-ca.crt": serving_ca, "apiserver.crt": serving_cert, "apiserver.key": serving_key,
             "client-ca.crt": client_ca, "admin.crt": admin_cert, "admin.key": admin_key,
-            "sa.key": sa_private, "sa.pub": sa_public,
+            "sa.key": sa_private, "sa.pub": sa_public, "webhook-client-ca.crt": webhook_client_ca,
+            "webhook-client.crt": webhook_client_cert, "webhook-client.key": webhook_client_key,
         }
         for name, data in contents.items():
             path = directory / name
@@ -271,6 +282,31 @@ class Pki:
             if name.endswith(".key"):
                 path.chmod(0o600)
         return cls(*(directory / name for name in contents))
+
+
+def write_admission_configuration(directory: Path, pki: Pki) -> Path:
+    """kube-apiserver's AdmissionConfiguration: present the webhook client certificate to every webhook.
+
+    The kubeconfig's user name is the webhook's host; ``*`` matches all of them. A webhook that asks for
+    no client certificate never sees it.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    kubeconfig = directory / "webhook-kubeconfig.yaml"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "users": [{"name": "*", "user": {
+            "client-certificate-data": base64.b64encode(pki.webhook_client_cert.read_bytes()).decode(),
+            "client-key-data": base64.b64encode(pki.webhook_client_key.read_bytes()).decode()}}],
+    }, sort_keys=False))
+    kubeconfig.chmod(0o600)
+    configuration = directory / "admission-configuration.yaml"
+    configuration.write_text(yaml.safe_dump({
+        "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+        "plugins": [{"name": "ValidatingAdmissionWebhook", "configuration": {
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmissionConfiguration",
+            "kubeConfigFile": str(kubeconfig)}}],
+    }, sort_keys=False))
+    return configuration
 
 
 class LocalControlPlane:
@@ -291,7 +327,8 @@ class LocalControlPlane:
         etcd_url = self._start_etcd()
         port = free_port()
         server = f"https://127.0.0.1:{port}"
-        self._start_apiserver(pki, etcd_url, port)
+        admission = write_admission_configuration(self.work_dir / "admission", pki)
+        self._start_apiserver(pki, etcd_url, port, admission)
         kubeconfig = self.work_dir / "kubeconfig"
         write_kubeconfig(kubeconfig, server=server, ca_pem=pki.serving_ca.read_bytes(),
                          cert_pem=pki.admin_cert.read_bytes(), key_pem=pki.admin_key.read_bytes())
@@ -310,7 +347,7 @@ class LocalControlPlane:
             kind="local", kubeconfig=kubeconfig, server=server, work_dir=self.work_dir,
             kubectl_path=self.binaries["kubectl"], helm_path=self.binaries["helm"],
             server_version=server_version, versions=tool_versions(self.binaries), startup_seconds=elapsed,
-            logs=dict(self.logs),
+            logs=dict(self.logs), webhook_client_ca=pki.webhook_client_ca,
         )
         (self.work_dir / "control-plane.txt").write_text("\n".join(cluster.describe()) + "\n")
         return cluster
@@ -338,7 +375,7 @@ class LocalControlPlane:
         self._wait(time.monotonic() + 60, "etcd /health", healthy)
         return client
 
-    def _start_apiserver(self, pki: Pki, etcd_url: str, port: int) -> None:
+    def _start_apiserver(self, pki: Pki, etcd_url: str, port: int, admission: Path) -> None:
         args: list[str | Path] = [
             self.binaries["kube-apiserver"],
             f"--etcd-servers={etcd_url}",
@@ -358,6 +395,7 @@ class LocalControlPlane:
             "--allow-privileged=true",
             # The 'kubernetes' Service's endpoints may not be a loopback address; nothing here needs them.
             "--endpoint-reconciler-type=none",
+            f"--admission-control-config-file={admission}",
         ]
         self.processes.append(ManagedProcess.start("kube-apiserver", args, self.logs["kube-apiserver"]))
 

@@ -19,6 +19,7 @@ from webhook import ledger
 from webhook.core import dsse, references
 from webhook.core.policy import ApiToken, Policy
 from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, tag_promotion_json, trace_chunks
+from webhook.server import query
 from webhook.store.errors import AuditTampered, StoreError
 from webhook.store.sql import AuditQuery
 
@@ -34,9 +35,10 @@ def hash_token(token: str) -> str:
 
 
 def authenticate(policy: Policy, header: str | None) -> ApiToken | None:
-    if not header or not header.startswith("Bearer "):
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():  # auth schemes are case-insensitive (RFC 9110)
         return None
-    presented = hash_token(header.removeprefix("Bearer ").strip())
+    presented = hash_token(credentials.strip())
     found: ApiToken | None = None
     for token in policy.api_tokens:  # no early exit: constant time in the number of tokens
         if hmac.compare_digest(presented, token.sha256):
@@ -103,11 +105,12 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
             response.status_code = status
             return response
 
+        @api.errorhandler(query.BadParameter)
+        def bad_parameter(exc: query.BadParameter) -> Response:
+            return _error(400, str(exc))
+
         def _limit() -> int:
-            try:
-                return max(1, min(int(request.args.get("limit", "100")), MAX_LIMIT))
-            except ValueError:
-                return 100
+            return query.whole_number(request.args, "limit", default=100, low=1, high=MAX_LIMIT)
 
         def _digest_arg(value: str | None) -> str | None:
             if value is not None and not references.is_digest(value):
@@ -120,17 +123,19 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
 
         @api.get("/records")
         def list_records() -> Response:
+            limit = _limit()
+            after = query.whole_number(request.args, "after", default=0, low=0, high=query.MAX_SEQ)
+            environment = query.text(request.args, "environment")
+            digest = query.text(request.args, "digest")
+            repository = query.text(request.args, "repository")
             try:
-                digest = _digest_arg(request.args.get("digest"))
-                repository = request.args.get("repository")
+                digest = _digest_arg(digest)
                 if repository:
                     repository = references.parse(repository).repository
             except (ValueError, references.InvalidReference) as exc:
                 return _error(400, str(exc))
-            after = request.args.get("after", "0")
-            found = records.find(repository=repository, digest=digest,
-                                 environment=request.args.get("environment"), limit=_limit(),
-                                 after=int(after) if after.isdigit() else 0)
+            found = records.find(repository=repository, digest=digest, environment=environment, limit=limit,
+                                 after=after)
             return jsonify({"records": [stored_json(s, signers=records.signers(s)) for s in found]})
 
         @api.get("/trace/<path:digest>")
@@ -141,7 +146,7 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
 
         @api.get("/status")
         def status() -> Response:
-            image = request.args.get("image", "")
+            image = query.text(request.args, "image") or ""
             try:
                 ref = references.parse(image)
             except references.InvalidReference as exc:
@@ -156,12 +161,12 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
 
         @api.get("/promoted")
         def promoted() -> Response:
-            environment = request.args.get("environment", "")
+            environment = query.text(request.args, "environment") or ""
             if policy.environment(environment) is None:
                 defined = ", ".join(policy.environment_names) or "none"
                 return _error(400, f"environment: give one the policy defines ({defined})")
             images = request.args.getlist("image")
-            if not images or len(images) > MAX_TAGS:
+            if not images or len(images) > MAX_TAGS or any(len(i) > query.MAX_TEXT for i in images):
                 return _error(400, f"image: give 1 to {MAX_TAGS} images as repository:tag")
             tags: list[tuple[str, str]] = []
             for image in images:
@@ -178,16 +183,14 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
 
         @api.get("/audit")
         def audit_events() -> Response:
-            allowed_arg = request.args.get("allowed")
-            after = request.args.get("after", "0")
-            if not (after.isascii() and after.isdigit() and len(after) <= 18):
-                return _error(400, "after must be an event sequence number (0 to 999999999999999999)")
-            query = AuditQuery(
-                since=request.args.get("since"), until=request.args.get("until"),
-                namespace=request.args.get("namespace"), user=request.args.get("user"),
-                digest=request.args.get("digest"), reason=request.args.get("reason"),
-                allowed=None if allowed_arg is None else allowed_arg.lower() == "true")
-            page = records.store.audit_page(query, after=int(after), limit=_limit())
+            args = request.args
+            wanted = AuditQuery(
+                since=query.text(args, "since"), until=query.text(args, "until"),
+                namespace=query.text(args, "namespace"), user=query.text(args, "user"),
+                digest=query.text(args, "digest"), reason=query.reason_code(args, "reason"),
+                allowed=query.boolean(args, "allowed"))
+            after = query.whole_number(args, "after", default=0, low=0, high=query.MAX_SEQ)
+            page = records.store.audit_page(wanted, after=after, limit=_limit())
             return Response(audit_chunks(page), mimetype="application/json")
 
         app.register_blueprint(api)

@@ -27,9 +27,39 @@ from webhook.core.promotion import NoRecords, RecordView
 from webhook.decision_log import DecisionLog, StdoutDecisionLog, audit_failure_verdict
 from webhook.environments import EnvironmentResolver, StaticEnvironments
 from webhook.metrics import Metrics
+from webhook.server.connections import CLIENT_CERTIFICATE, MAX_BODY_BYTES
 
-MAX_BODY_BYTES = 8 * 1024 * 1024  # the API server sends at most ~3 MiB objects, twice for UPDATE
 log = logging.getLogger("promotion_gate.server")
+NO_CLIENT_CERTIFICATE = ("/validate needs a client certificate signed by the configured client CA "
+                         "(--validate-client-ca); this endpoint is for the Kubernetes API server")
+
+
+@dataclass(frozen=True)
+class ValidateClients:
+    """Who may call ``/validate``: anyone who reaches the port, or only holders of a client certificate."""
+
+    required: bool = False
+    names: frozenset[str] = frozenset()  # empty: any certificate the client CA signed
+
+    def refusal(self, certificate: dict[str, Any] | None) -> str | None:
+        if not self.required:
+            return None
+        if not certificate:
+            return NO_CLIENT_CERTIFICATE
+        if not self.names:
+            return None
+        presented = certificate_names(certificate)
+        if presented & self.names:
+            return None
+        shown = ", ".join(sorted(presented)[:3]) or "no name"
+        return f"client certificate ({shown[:200]}) is not one of the names allowed to call /validate"
+
+
+def certificate_names(certificate: dict[str, Any]) -> set[str]:
+    """The common names and DNS names of a certificate as ``ssl.SSLObject.getpeercert()`` gives it."""
+    names = {str(value) for rdn in certificate.get("subject", ()) for key, value in rdn if key == "commonName"}
+    names |= {str(value) for kind, value in certificate.get("subjectAltName", ()) if kind == "DNS"}
+    return names
 
 
 @dataclass
@@ -44,6 +74,7 @@ class Services:
     api: Callable[[Flask, Services], None] | None = None
     ready: Callable[[], tuple[bool, str]] = lambda: (True, "ok")
     enable_baseline: bool = False
+    validate_clients: ValidateClients = field(default_factory=ValidateClients)
 
 
 def error(status: int, message: str, **extra: Any) -> Response:
@@ -83,6 +114,10 @@ def create_app(services: Services) -> Flask:
     @app.post("/validate")
     def validate() -> Response:
         started = time.perf_counter()
+        refusal = services.validate_clients.refusal(request.environ.get(CLIENT_CERTIFICATE))
+        if refusal is not None:
+            metrics.malformed.labels(endpoint="/validate", code="403").inc()
+            return error(403, refusal)
         body = read_json()
         if isinstance(body, Response):
             metrics.malformed.labels(endpoint="/validate", code=str(body.status_code)).inc()
@@ -111,13 +146,17 @@ def create_app(services: Services) -> Flask:
             metrics.audit_errors.inc()
             verdict = audit_failure_verdict(verdict, services.policy.audit_on_write_failure, type(exc).__name__,
                                             reason=Reason.INTERNAL_ERROR)
+        # Label values only from what the policy and the cluster define: a caller who makes up
+        # environments or namespaces must not make up metric series.
+        environment_label = verdict.environment if verdict.environment in services.policy.environment_names else ""
         for reason in verdict.reasons or ("none",):
             metrics.decisions.labels(
-                environment=verdict.environment or "", mode=str(verdict.mode),
+                environment=environment_label, mode=str(verdict.mode),
                 allowed=str(verdict.allowed).lower(), reason=reason,
             ).inc()
         if verdict.break_glass_reason is not None:
-            metrics.break_glass.labels(environment=verdict.environment or "", namespace=review.namespace).inc()
+            namespace_label = review.namespace if services.environments.known(review.namespace) else ""
+            metrics.break_glass.labels(environment=environment_label, namespace=namespace_label).inc()
         payload = admission.build_response(
             review.uid, allowed=verdict.allowed, message=verdict.message, warnings=list(verdict.warnings),
         )

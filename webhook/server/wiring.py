@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import atexit
 import logging
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ from webhook.core.promotion import NoRecords, RecordView
 from webhook.decision_log import DecisionLog, StdoutDecisionLog
 from webhook.metrics import Metrics
 from webhook.server import app as server_app
+from webhook.server.app import ValidateClients
+from webhook.server.connections import CloseReason
+from webhook.server.serving import Served
+from webhook.server.tls import CertificateReloader, TlsFiles
 from webhook.store import StoreError, open_store, redact
 
 log = logging.getLogger("promotion_gate.wiring")
@@ -40,6 +45,15 @@ class Settings:
     use_kubernetes: bool = False
     in_cluster: bool = False  # the pod's service account, not a kubeconfig, reaches the API server
     enable_baseline: bool = False
+    validate_clients: ValidateClients = field(default_factory=ValidateClients)
+
+
+def check_tls(files: TlsFiles) -> None:
+    """Fail start-up, not the first handshake, on a certificate, key or client CA that cannot be loaded."""
+    try:
+        CertificateReloader(files)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"TLS: {exc}") from exc
 
 
 def describe_store(url: str | None) -> str:
@@ -85,9 +99,27 @@ def _environment_resolver(settings: Settings) -> tuple[environments.EnvironmentR
     return resolver, resolver
 
 
-def build_app(settings: Settings) -> Flask:
+class ConnectionMetrics:
+    """The serving loop's connection events, counted in the app's registry (label values: a fixed set)."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def closed(self, reason: CloseReason) -> None:
+        self._metrics.connections_closed.labels(reason=reason.value).inc()
+
+    def open_connections(self, count: int) -> None:
+        self._metrics.connections_open.set(count)
+
+
+def build_served(settings: Settings) -> Served:
     """Called once in each worker process."""
     metrics = Metrics()
+    return Served(app=build_app(settings, metrics), events=ConnectionMetrics(metrics))
+
+
+def build_app(settings: Settings, metrics: Metrics | None = None) -> Flask:
+    metrics = metrics or Metrics()
     resolver, watcher = _environment_resolver(settings)
     records: RecordView = NoRecords()
     decision_log: DecisionLog = StdoutDecisionLog(policy_digest=settings.policy.digest)
@@ -116,5 +148,6 @@ def build_app(settings: Settings) -> Flask:
     services = server_app.Services(
         policy=settings.policy, environments=resolver, records=records, decision_log=decision_log,
         metrics=metrics, api=api, ready=ready, enable_baseline=settings.enable_baseline,
+        validate_clients=settings.validate_clients,
     )
     return server_app.create_app(services)

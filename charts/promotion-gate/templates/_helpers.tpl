@@ -118,6 +118,7 @@ Usage: include "promotion-gate.image" (dict "image" .Values.image "default" .Cha
 {{- define "promotion-gate.paths.apiTokens" -}}/etc/promotion-gate/api-tokens/tokens.yaml{{- end }}
 {{- define "promotion-gate.paths.serverKey" -}}/etc/promotion-gate/server-key/key.pem{{- end }}
 {{- define "promotion-gate.paths.operatorKey" -}}/etc/promotion-gate/operator-key/key.pem{{- end }}
+{{- define "promotion-gate.paths.validateClientCA" -}}/etc/promotion-gate/validate-client-ca/ca.crt{{- end }}
 {{- define "promotion-gate.sqliteURL" -}}sqlite:////var/lib/promotion-gate/promotion-gate.db{{- end }}
 
 {{- define "promotion-gate.storeSecretName" -}}
