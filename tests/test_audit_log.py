@@ -439,6 +439,7 @@ def test_reading_a_log_of_large_events_stays_in_bounded_memory(server_factory, k
     gate = server_factory(policy=kit.policy_path.read_text(), store=store_url)
     reader = {"Authorization": f"Bearer {kit.token('reader')}"}
     before = gate.peak_memory_kib()
+    assert before > 0
 
     first = gate.get("/api/v1/audit?limit=1000", headers=reader)
     page = first.json()

@@ -70,8 +70,10 @@ class RunningServer:
         self.process.wait()
 
     def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the forked workers, or the server itself when it has none."""
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
-        return [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        found = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return found or [self.process.pid]
 
     def peak_memory_kib(self) -> int:
         """The highest resident memory any worker process has used so far (VmHWM)."""
