@@ -24,7 +24,7 @@ from webhook.store import SqlStore, StoreError, StoreUnavailable
 from webhook.store import open_store as open_sql_store
 
 if TYPE_CHECKING:  # the operator's kopf module: only when the command runs, not for --help
-    from webhook.operator.kopf_app import KubeAccess
+    from webhook.cluster_access import KubeAccess
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_NAMESPACE = "promotion-gate"
@@ -63,15 +63,9 @@ def own_namespace(option: str | None, service_account_file: Path = SERVICE_ACCOU
 
 def kube_access(kubeconfig: str | None, environ: Mapping[str, str]) -> KubeAccess:
     """--kubeconfig, else $KUBECONFIG, else the pod's service account in a cluster, else ~/.kube/config."""
-    from webhook.operator.kopf_app import KubeAccess
+    from webhook.cluster_access import resolve
 
-    if kubeconfig:
-        return KubeAccess(kubeconfig)
-    if environ.get("KUBECONFIG"):
-        return KubeAccess(environ["KUBECONFIG"])
-    if environ.get("KUBERNETES_SERVICE_HOST"):
-        return KubeAccess(None)
-    return KubeAccess(str(Path("~/.kube/config").expanduser()))
+    return resolve(kubeconfig, environ)
 
 
 def load_policy(path: Path) -> Policy:

@@ -17,6 +17,7 @@ from typing import Any
 
 import kopf
 
+from webhook.cluster_access import KubeAccess
 from webhook.core import keys
 from webhook.ledger import Ledger
 from webhook.operator import certificates as tls_rotation
@@ -34,32 +35,6 @@ STORE_RETRY_SECONDS = 30.0
 CERTIFICATE_RETRY_SECONDS = 30.0
 
 log = logging.getLogger("promotion_gate.operator")
-
-
-@dataclass(frozen=True)
-class KubeAccess:
-    """How to reach the API server, resolved once at start-up: a kubeconfig, or the pod's service account."""
-
-    kubeconfig: str | None  # None: in-cluster service account
-
-    def describe(self) -> str:
-        return f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster service account"
-
-    def client_configuration(self) -> Any:
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        if self.kubeconfig is None:
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(config_file=self.kubeconfig, client_configuration=configuration,
-                                    persist_config=False)
-        return configuration
-
-    def api_client(self) -> Any:
-        from kubernetes import client
-
-        return client.ApiClient(configuration=self.client_configuration())
 
 
 @dataclass(frozen=True)
