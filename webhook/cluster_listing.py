@@ -518,15 +518,22 @@ class RunningLookup:
 
     def __init__(self, make_lister: Callable[[], Lister], *, ttl: float = 15.0) -> None:
         self._make_lister = make_lister
+        self._lister: Lister | None = None
         self._ttl = ttl
         self._lock = threading.Lock()
         self._cached: tuple[float, str, Inventory] | None = None
 
     def where(self, digest: str) -> WhereItRuns:
+        """Raises :class:`ClusterError` when the API server cannot be listed."""
         with self._lock:
             cached = self._cached
             if cached is None or time.monotonic() - cached[0] > self._ttl:
-                inventory = self._make_lister().inventory(resources=OWNER_CHAIN)
+                if self._lister is None:
+                    try:
+                        self._lister = self._make_lister()
+                    except Exception as exc:  # a kubeconfig or service account that cannot be read
+                        raise ClusterError(f"cannot configure the Kubernetes client: {exc}") from exc
+                inventory = self._lister.inventory(resources=OWNER_CHAIN)
                 cached = self._cached = (time.monotonic(), now_rfc3339(), inventory)
         _, observed_at, inventory = cached
         return where_it_runs(inventory, digest, observed_at)

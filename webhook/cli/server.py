@@ -36,11 +36,13 @@ def certs(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
               help="Signing key for audit checkpoints [env: PROMOTION_GATE_SERVER_KEY].")
 @click.option("--kubernetes/--no-kubernetes", "use_kubernetes", default=None,
               help="Read namespace labels from the Kubernetes API (default: when running in a cluster).")
+@click.option("--running-lookup/--no-running-lookup", "running_lookup", default=None,
+              help="List Pods to answer GET /api/v1/running/<digest> (trace) (default: with --kubernetes).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256))
 @click.option("--baseline-endpoint", is_flag=True, hidden=True, help="Expose /baseline/allow for benchmarks.")
 def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, store: str | None,
-          server_key: Path | None, use_kubernetes: bool | None, workers: int, threads: int,
+          server_key: Path | None, use_kubernetes: bool | None, running_lookup: bool | None, workers: int, threads: int,
           baseline_endpoint: bool) -> None:
     """Serve the admission webhook (and the record API) over HTTPS."""
     from webhook.server import serving, wiring
@@ -56,10 +58,15 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
             raise click.ClickException(
                 f"{path} not found; run 'promotion-gate certs --dir {cert_dir}' or use --dev-certs")
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    kubernetes = use_kubernetes if use_kubernetes is not None else (in_cluster or policy.watch_namespaces)
+    lookup = None
+    if running_lookup if running_lookup is not None else kubernetes:
+        from webhook.cluster_access import KubeAccess, resolve
+
+        lookup = KubeAccess(None) if in_cluster else resolve(None, os.environ)
     settings = wiring.Settings(
-        policy=policy, store_url=store, server_key=server_key,
-        use_kubernetes=use_kubernetes if use_kubernetes is not None else (in_cluster or policy.watch_namespaces),
-        in_cluster=in_cluster, enable_baseline=baseline_endpoint)
+        policy=policy, store_url=store, server_key=server_key, use_kubernetes=kubernetes,
+        in_cluster=in_cluster, running_lookup=lookup, enable_baseline=baseline_endpoint)
     try:
         wiring.preflight(settings)
     except wiring.StartupError as exc:

@@ -22,6 +22,7 @@ from webhook.core import keys
 from webhook.ledger import Ledger
 from webhook.operator import certificates as tls_rotation
 from webhook.operator.promotions import Phase, reconcile
+from webhook.operator.scanner import Scanner, ScanSettings
 
 GROUP = "promotion-gate.io"
 VERSION = "v1"
@@ -48,6 +49,7 @@ class OperatorConfig:
     peering: bool = False
     liveness_endpoint: str | None = None
     store_retry: float = STORE_RETRY_SECONDS
+    scan: ScanSettings | None = None  # None: no scanning of what runs
 
 
 # --- kopf wiring ------------------------------------------------------------------------------------
@@ -153,6 +155,23 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             for api_client in clients:
                 api_client.close()
 
+    scan_settings = config.scan
+    if scan_settings is not None:
+        scanners: list[Scanner] = []
+
+        @kopf.on.startup(id="scanner", registry=registry)
+        async def start_scanner(**_: Any) -> None:
+            # Like the certificate task, the scanner belongs to the whole installation, not to one object:
+            # its own list+watch caches and thread, started and stopped with the operator.
+            scanner = Scanner(scan_settings, config.ledger.policy, config.ledger.store, config.kube)
+            await asyncio.to_thread(scanner.start)
+            scanners.append(scanner)
+
+        @kopf.on.cleanup(id="scanner", registry=registry)
+        async def stop_scanner(**_: Any) -> None:
+            for scanner in scanners:
+                await asyncio.to_thread(scanner.stop)
+
     return registry
 
 
@@ -162,10 +181,11 @@ def configure_logging(verbose: bool) -> None:
 
 def run(config: OperatorConfig) -> None:
     """Run the operator until SIGTERM/SIGINT."""
-    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s",
+    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s, scan %s",
              config.kube.describe(), ", ".join(config.namespaces) or "all",
              config.signer.key_id[:12] if config.signer else "none (envelopes only)",
-             "managed" if config.certificates else "not managed")
+             "managed" if config.certificates else "not managed",
+             f"every {config.scan.interval:g}s and on every record or policy change" if config.scan else "off")
     kopf.run(
         registry=build_registry(config),
         settings=build_settings(),
