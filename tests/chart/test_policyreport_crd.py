@@ -83,13 +83,15 @@ def test_what_the_operator_writes_fits_the_crd(crd: dict[str, Any]) -> None:
 
 def test_a_report_written_by_another_engine_fits_too(crd: dict[str, Any]) -> None:
     # Kyverno-style results: severity critical, a resourceSelector, a scope; the CRD must keep accepting them.
-    other = {"apiVersion": "wgpolicyk8s.io/v1alpha2", "kind": "PolicyReport", "metadata": {"name": "polr-ns-x"},
-             "scope": {"kind": "Namespace", "name": "x"},
-             "summary": {"pass": 0, "fail": 1, "warn": 0, "error": 0, "skip": 0},
-             "results": [{"source": "kyverno", "policy": "require-labels", "rule": "check-team", "result": "fail",
-                          "severity": "critical", "scored": True, "timestamp": {"seconds": 1, "nanos": 0},
-                          "resourceSelector": {"matchLabels": {"app": "web"}}, "message": "label team is required",
-                          "properties": {"category": "Best Practices"}}]}
+    other: dict[str, Any] = {"apiVersion": "wgpolicyk8s.io/v1alpha2", "kind": "PolicyReport", "metadata": {"name": "polr-ns-x"},
+                             "scope": {"kind": "Namespace", "name": "x"},
+                             "summary": {"pass": 0, "fail": 1, "warn": 0, "error": 0, "skip": 0},
+                             "results": [{"source": "kyverno", "policy": "require-labels", "rule": "check-team",
+                                          "result": "fail", "severity": "critical", "scored": True,
+                                          "timestamp": {"seconds": 1, "nanos": 0},
+                                          "resourceSelector": {"matchLabels": {"app": "web"}},
+                                          "message": "label team is required",
+                                          "properties": {"category": "Best Practices"}}]}
     assert validate(crd, other) == []
     wrong = {**other, "results": [{**other["results"][0], "result": "failed"}]}
     assert validate(crd, wrong) == ["'failed' is not one of ['pass', 'fail', 'warn', 'error', 'skip']"]
