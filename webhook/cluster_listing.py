@@ -10,6 +10,7 @@ the operator to log before it retries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -296,11 +297,12 @@ class WatchedResource:
     def stop(self) -> None:
         self._stop.set()
         response = self._response
-        if response is not None:
-            try:
-                response.close()
-            except Exception:  # closing a stream another thread reads may raise anything; it is going away
-                log.debug("closing the %s watch", self.resource.plural, exc_info=True)
+        # Closing the response here would wait for the reading thread's lock; shutting the socket down
+        # ends its blocked read at once, and the loop sees the stop flag.
+        sock = getattr(getattr(response, "connection", None), "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
@@ -436,10 +438,12 @@ class ClusterCache:
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Stop every watch; waits at most ``timeout`` in all (the threads are daemons: a hung read dies with us)."""
         for cache in (*self._caches, self._namespaces):
             cache.stop()
+        deadline = time.monotonic() + timeout
         for cache in (*self._caches, self._namespaces):
-            cache.join(timeout)
+            cache.join(max(0.0, deadline - time.monotonic()))
 
     @property
     def synced(self) -> bool:

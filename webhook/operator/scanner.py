@@ -69,9 +69,11 @@ def revocation_message(found: scan.ScanFinding, revocation: StoredRecord | None)
     if revocation is not None:
         why = revocation.record.reason[:200]
         who = f" by {revocation.record.by}" + (f" ({why})" if why else "")
-    message = (f'{pinned} was revoked from "{found.environment}"{who} and still runs in {found.pod_count} pod(s) '
-               f'of {found.workload.display_name}, container "{finding.container}". Promotion Gate reports it and '
-               "stops nothing: roll out a promoted digest, or see docs/revoked-digest.md")
+    where = (f"still runs in {found.pod_count} pod(s) of {found.workload.display_name}" if found.pod_count else
+             f"is still in the template of {found.workload.display_name} (no Pod runs it now)")
+    message = (f'{pinned} was revoked from "{found.environment}"{who} and {where}, container "{finding.container}". '
+               "Promotion Gate reports it and stops nothing: roll out a promoted digest, or see "
+               "docs/revoked-digest.md")
     return message[:MAX_EVENT_MESSAGE]
 
 
@@ -99,8 +101,8 @@ def event_body(found: scan.ScanFinding, revocation: StoredRecord | None, now: st
 
 
 def revoked_findings(report: scan.ScanReport) -> list[scan.ScanFinding]:
-    """Findings a revocation causes in workloads that run the image now."""
-    return [f for f in report.findings if f.revoked and f.pod_count]
+    """Findings a revocation causes: workloads that run the image, or whose template still names it."""
+    return [f for f in report.findings if f.revoked]
 
 
 # --- the loop -------------------------------------------------------------------------------------------
