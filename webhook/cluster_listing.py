@@ -148,7 +148,7 @@ class Lister:
 
     def _call(self, what: str, method: Callable[..., Any], *, read_timeout: float | None = None, **kwargs: Any) -> Any:
         self.requests += 1
-        timeout = (min(self.timeout, 10.0), read_timeout or self.timeout)
+        timeout = (self.timeout, read_timeout or self.timeout)  # connecting includes the TLS handshake
         try:
             return method(_preload_content=False, _request_timeout=timeout, **kwargs)
         except _api_errors() as exc:
@@ -399,6 +399,8 @@ class WatchedResource:
             except _Expired:
                 version = ""
             except ClusterError as exc:
+                if self._stop.is_set():
+                    return
                 self.last_error = str(exc)
                 log.warning("%s; listing %s again in %.0fs", exc, self.resource.plural, backoff)
                 version = ""
@@ -437,7 +439,7 @@ class ClusterCache:
             cache.start()
         return self
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
         """Stop every watch; waits at most ``timeout`` in all (the threads are daemons: a hung read dies with us)."""
         for cache in (*self._caches, self._namespaces):
             cache.stop()

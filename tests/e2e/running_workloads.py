@@ -17,14 +17,19 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import requests
+import yaml
 
 from tests.e2e import gate as gate_mod
 from tests.e2e.cluster import Cluster
@@ -277,3 +282,37 @@ def eventually(attempt: Any, *, timeout: float = 60, what: str) -> Any:
 
 def wait_seconds(seconds: float) -> None:
     time.sleep(seconds)
+
+
+# --- an API server that never answers ------------------------------------------------------------------
+
+
+@contextmanager
+def silent_api_server(cluster: Cluster, directory: Path) -> Iterator[tuple[str, Path]]:
+    """A TCP listener that accepts connections and never says a word, and a kubeconfig that points at it."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    held: list[socket.socket] = []
+
+    def accept() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            held.append(connection)
+
+    thread = threading.Thread(target=accept, name="silent-api-server", daemon=True)
+    thread.start()
+    server = f"https://127.0.0.1:{listener.getsockname()[1]}"
+    config = yaml.safe_load(cluster.kubeconfig.read_text())
+    config["clusters"][0]["cluster"]["server"] = server
+    kubeconfig = directory / "silent.kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump(config))
+    try:
+        yield server, kubeconfig
+    finally:
+        listener.close()
+        for connection in held:
+            connection.close()

@@ -171,6 +171,8 @@ def certificate_settings(manage: bool, namespace: str, secret: str, service: str
               help="Write a wgpolicyk8s.io/v1alpha2 PolicyReport per namespace.")
 @click.option("--revocation-events/--no-revocation-events", default=True, show_default=True,
               help="Post an Event on each workload a revocation makes non-compliant.")
+@click.option("--request-timeout", type=click.FloatRange(1.0, 300.0), default=30.0, show_default=True,
+              help="Seconds each request of the scan to the API server may take.")
 @click.option("--metrics-address", metavar="HOST:PORT", default="",
               help="Serve the scan metrics (Prometheus), e.g. 0.0.0.0:9102.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
@@ -179,7 +181,7 @@ def operator_command(store: str, policy_path: Path, key_path: Path | None, names
                      namespace: str | None, certificate_check_interval: float, peering: bool,
                      liveness_endpoint: str | None, kubeconfig: str | None, scan: bool, scan_interval: float,
                      scan_settle: float, record_poll: float, policy_reports: bool, revocation_events: bool,
-                     metrics_address: str, verbose: bool) -> None:
+                     request_timeout: float, metrics_address: str, verbose: bool) -> None:
     """Record Promotion objects as signed promotion records; keep the webhook's certificate valid.
 
     Run a single replica: every Promotion is handled by one operator (see docs/operator.md).
@@ -204,6 +206,7 @@ def operator_command(store: str, policy_path: Path, key_path: Path | None, names
 
         scanning = ScanSettings(interval=scan_interval, settle=scan_settle, record_poll=record_poll,
                                 policy_path=policy_path, policy_reports=policy_reports, events=revocation_events,
+                                request_timeout=request_timeout,
                                 metrics_address=host_port(metrics_address) if metrics_address else None)
     sql_store = open_store(store)
     config = operator_mod.OperatorConfig(
