@@ -303,8 +303,8 @@ class Scanner:
     def _missing_crd(self) -> None:
         self._crd_missing_since = time.monotonic()
         log.error("the PolicyReport CRD (policyreports.wgpolicyk8s.io, v1alpha2) is not installed: reports are not "
-                  "published (install it with the chart's policyReports.installCRD=true); checking again in %.0f "
-                  "minutes", CRD_RECHECK_SECONDS / 60)
+                  "published (install it: kubectl apply -f charts/promotion-gate/crds/policyreport.yaml; Helm does "
+                  "unless --skip-crds); checking again in %.0f minutes", CRD_RECHECK_SECONDS / 60)
 
     def _write(self, built: policy_reports.NamespaceReport, timestamp: int) -> bool:
         from kubernetes.client.exceptions import ApiException
