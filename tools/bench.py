@@ -379,13 +379,13 @@ def scenario_scan(tmp: Path) -> list[dict[str, Any]]:
             view = BatchedRecordView(store, policy)
 
             def rescan() -> dict[str, float]:
+                view.queries = 0
                 began = time.perf_counter()
                 report = scan.run(cache.snapshot(), policy, view, observed_at="bench")
                 return {"seconds": time.perf_counter() - began, "requests": cache.requests - listed_by_cache,
                         "pods": report.pods, "store_queries": view.queries}
 
             cold = rescan()  # the records of every digest read once
-            view.queries = 0
             warm_runs = [rescan() for _ in range(ROUNDS)]
             warm = {key: statistics.median(run[key] for run in warm_runs) for key in warm_runs[0]}
             store.close()
