@@ -16,7 +16,7 @@ names it from the ownerReference; cycles and absurd depths stop it too.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -332,7 +332,3 @@ def where_lines(data: Mapping[str, Any]) -> Iterator[str]:
     if data.get("truncated"):
         yield f"  … and {data['truncated']} more container(s) in pods not listed"
 
-
-def exposed(objects: Iterable[Observed]) -> Sequence[Observed]:
-    """The objects a scan looks at: running Pods and every workload (finished Pods run nothing)."""
-    return [o for o in objects if not o.is_pod or o.runs]

@@ -164,7 +164,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             # Like the certificate task, the scanner belongs to the whole installation, not to one object:
             # its own list+watch caches and thread, started and stopped with the operator.
             scanner = Scanner(scan_settings, config.ledger.policy, config.ledger.store, config.kube)
-            await asyncio.to_thread(scanner.start)
+            try:
+                await asyncio.to_thread(scanner.start)
+            except OSError as exc:  # a metrics address in use or not ours: retrying would not help
+                raise kopf.PermanentError(f"cannot serve the scan metrics on {scan_settings.metrics_address}: "
+                                          f"{exc}") from exc
             scanners.append(scanner)
 
         @kopf.on.cleanup(id="scanner", registry=registry)

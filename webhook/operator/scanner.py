@@ -157,20 +157,22 @@ class Scanner:
         self._revoked_seen: set[str] = set()
         self._instance = socket.gethostname()
         self.last_report: scan.ScanReport | None = None
+        self._last_summary = ""
 
     # lifecycle
 
     def start(self) -> None:
-        api_client = self._kube.api_client()
-        self._api = api_client
-        lister = Lister(api_client, page_size=self.settings.page_size, timeout=self.settings.request_timeout)
-        self._cache = ClusterCache(lister).start()
+        """Raises ``OSError`` when the metrics address cannot be bound (before anything else is started)."""
         if self.settings.metrics_address is not None:
             from prometheus_client import start_http_server
 
             host, port = self.settings.metrics_address
             start_http_server(port, addr=host, registry=self.metrics.registry)
             log.info("scan metrics on http://%s:%d/metrics", host, port)
+        api_client = self._kube.api_client()
+        self._api = api_client
+        lister = Lister(api_client, page_size=self.settings.page_size, timeout=self.settings.request_timeout)
+        self._cache = ClusterCache(lister).start()
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -231,7 +233,10 @@ class Scanner:
             return False
         self.last_report = report
         self.metrics.scanned(report, time.time(), time.monotonic() - started)
-        log.info("scan (%s): %s", why, scan.summary_line(report))
+        summary = scan.summary_line(report)
+        # A busy cluster rescans every few seconds: say it when the answer changes, not every time.
+        log.log(logging.INFO if summary != self._last_summary else logging.DEBUG, "scan (%s): %s", why, summary)
+        self._last_summary = summary
         for note in report.notes[:20]:
             log.info("scan note: %s", note)
         try:
