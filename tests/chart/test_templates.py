@@ -425,7 +425,7 @@ def test_notes_tell_the_operator_what_to_do_next(tmp_path: Path) -> None:
         "kubectl get events -A --field-selector reason=DigestRevoked",
     ):
         assert line in notes
-    assert "kubectl get policyreport" not in render_notes({"operator.scan.enabled": False}, tmp_path)
+    assert "kubectl get policyreport" not in render_notes({"operator.scan.enabled": False}, tmp_path / "no-scan")
     opt_in = render_notes({"webhook.namespaceSelector.mode": "optIn"}, tmp_path / "opt-in")
     assert "kubectl label namespace <namespace> promotion-gate.io/enforce=true" in opt_in
 
