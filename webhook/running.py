@@ -101,7 +101,8 @@ def _text(value: Any) -> str:
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    # Decoded JSON: a dict or nothing usable (the cheap check; this runs for every listed object).
+    return value if isinstance(value, dict) else {}
 
 
 def _controller(metadata: Mapping[str, Any], namespace: str) -> ObjectRef | None:
@@ -109,7 +110,7 @@ def _controller(metadata: Mapping[str, Any], namespace: str) -> ObjectRef | None
     if not isinstance(owners, list):
         return None
     for owner in owners:
-        if isinstance(owner, Mapping) and owner.get("controller") is True:
+        if isinstance(owner, dict) and owner.get("controller") is True:
             kind, name = _text(owner.get("kind")), _text(owner.get("name"))
             if kind and name:
                 # Namespaced objects can only be owned from their own namespace, or by a cluster-scoped
@@ -137,12 +138,13 @@ def observe(obj: Any, *, kind: str, api_version: str) -> Observed:
         extracted = workloads.extract(root, kind=kind, namespace=namespace, name=name)
     except workloads.WorkloadShapeError as exc:
         raise Unreadable(f"{kind} {namespace}/{name or '?'} cannot be read: {exc}") from exc
-    annotations = {k: v for k, v in extracted.annotations.items() if k == BREAK_GLASS_ANNOTATION}
+    glass = extracted.annotations.get(BREAK_GLASS_ANNOTATION)
+    if glass is not None or extracted.annotations:
+        extracted = replace(extracted, annotations={BREAK_GLASS_ANNOTATION: glass} if glass is not None else {})
     ref = ObjectRef(kind, namespace, name, _text(metadata.get("uid")), api_version)
-    observed = Observed(ref=ref, workload=replace(extracted, annotations=annotations),
-                        controller=_controller(metadata, namespace), created=_text(metadata.get("creationTimestamp")))
+    controller, created = _controller(metadata, namespace), _text(metadata.get("creationTimestamp"))
     if kind != "Pod":
-        return observed
+        return Observed(ref=ref, workload=extracted, controller=controller, created=created)
     spec, status = _mapping(root.get("spec")), _mapping(root.get("status"))
     pod_started = _text(status.get("startTime"))
     started: dict[str, str] = {}
@@ -159,10 +161,12 @@ def observe(obj: Any, *, kind: str, api_version: str) -> Observed:
             digest = _resolved_digest(_text(entry.get("imageID")))
             if digest:
                 resolved[container] = digest
-    for image in extracted.images:
-        started.setdefault(image.container, pod_started)
-    return replace(observed, phase=_text(status.get("phase")), node=_text(spec.get("nodeName")),
-                   started={k: v for k, v in started.items() if v}, resolved=resolved)
+    if pod_started:
+        for image in extracted.images:
+            started.setdefault(image.container, pod_started)
+    return Observed(ref=ref, workload=extracted, controller=controller, created=created,
+                    phase=_text(status.get("phase")), node=_text(spec.get("nodeName")),
+                    started={k: v for k, v in started.items() if v}, resolved=resolved)
 
 
 def namespace_info(obj: Any) -> NamespaceInfo:

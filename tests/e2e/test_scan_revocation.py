@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.e2e import running_workloads as rw
 from tests.e2e.cluster import Cluster
@@ -184,6 +185,20 @@ def test_a_revocation_shows_where_the_digest_runs_and_clears_after_the_rollout(
                                "compliant (1 finding(s))\n")
         # Promotion Gate reports; it never deletes or evicts: every Pod is still there.
         assert sorted(p.metadata.name for p in core.list_namespaced_pod(shop).items) == sorted(api.pods + web.pods)
+
+        # A policy change is a rescan at once: exempting the ledger namespace clears its report and its
+        # series; taking the exemption back brings them back.
+        original = kit.policy_path.read_text()
+        document = yaml.safe_load(original)
+        document["namespaces"]["exempt"] = [ledger_ns]
+        kit.policy_path.write_text(yaml.safe_dump(document))
+        rw.eventually(lambda: True if report_results(custom, ledger_ns) == [] and operator.gauge(ours) == {
+            (shop, "production", "not-promoted", "true"): 2.0} else None,
+            timeout=BOUND, what="the exempted namespace to report nothing")
+        kit.policy_path.write_text(original)
+        rw.eventually(lambda: True if report_results(custom, ledger_ns) == affected[ledger_ns] else None,
+                      timeout=BOUND, what="the namespace to be judged again")
+        assert "the policy file changed; rescanning" in operator.log()
 
         # A replacement is promoted and the workloads are rolled to it: the answer clears.
         rw.promote_to_production(cluster, kit, store, REPLACEMENT)

@@ -277,10 +277,11 @@ class Scanner:
                 log.warning("cannot list existing PolicyReports (%s %s); stale ones stay until the next try",
                             exc.status, exc.reason)
         for namespace in set(self._published) - set(reports):
-            reports[namespace] = policy_reports.empty(namespace)  # its workloads are gone: it reports nothing
+            # Its workloads are gone, or the policy made it exempt: it reports nothing any more.
+            reports[namespace] = policy_reports.empty(namespace)
         timestamp = int(time.time())
         for namespace, built in sorted(reports.items()):
-            if namespace not in report.namespaces:
+            if namespace not in report.namespaces and namespace not in report.exempt:
                 self._published.pop(namespace, None)  # deleted namespaces take their report with them
                 continue
             if self._published.get(namespace) == built.fingerprint:
