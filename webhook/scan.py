@@ -29,7 +29,7 @@ from webhook.core.findings import Finding, Reason
 from webhook.core.policy import Policy
 from webhook.core.promotion import NOT_PROMOTED, PromotionStatus, RecordView, Subject
 from webhook.core.workloads import BREAK_GLASS_ANNOTATION, Workload
-from webhook.running import Inventory, ObjectRef, Observed, as_judged, place
+from webhook.running import Inventory, ObjectRef, Observed, Placement, as_judged, place
 
 MAX_POD_NAMES = 20  # Pods named per finding; the count is always complete
 
@@ -191,6 +191,10 @@ def _tasks(inventory: Inventory, policy: Policy, report: ScanReport) -> tuple[li
             report.exempt.append(name)
         else:
             report.namespaces[name] = environment_of(name, info.environment_label, policy)
+    # The Pods of one ReplicaSet share its owner chain and, nearly always, its images: both are worked
+    # out once per controller, not once per Pod.
+    placements: dict[ObjectRef, Placement] = {}
+    as_workloads: dict[tuple[Any, ...], Workload] = {}
     for obj in inventory.objects:
         namespace = obj.ref.namespace
         if namespace not in inventory.namespaces:
@@ -198,16 +202,30 @@ def _tasks(inventory: Inventory, policy: Policy, report: ScanReport) -> tuple[li
             continue
         if namespace in policy.exempt_namespaces or (obj.is_pod and not obj.runs):
             continue
-        placement = place(obj, index)
-        if not obj.is_pod and placement.judged_as != obj.ref:
-            continue  # its controller's template (or its Pods) speak for it
-        workload = as_judged(obj, placement.judged_as) if obj.is_pod else obj.workload
-        controller = index.get(placement.judged_as.uid) if placement.judged_as.uid else None
-        if obj.is_pod and controller is not None and controller.workload.break_glass is not None:
-            # The annotation on the workload admission judged stands for its Pods too.
-            workload = replace(workload, annotations={BREAK_GLASS_ANNOTATION: controller.workload.break_glass})
+        placement = placements.get(obj.controller) if obj.is_pod and obj.controller is not None else None
+        if placement is None:
+            placement = place(obj, index)
+            if obj.is_pod and obj.controller is not None and placement.judged_as != obj.ref:
+                placements[obj.controller] = placement
+        if not obj.is_pod:
+            if placement.judged_as != obj.ref:
+                continue  # its controller's template (or its Pods) speak for it
+            workload = obj.workload
+        else:
+            pod = obj.workload
+            key = (placement.judged_as, pod.images, pod.break_glass, pod.deleting, pod.controlled)
+            workload = as_workloads.get(key) or as_workloads.setdefault(key, _as_judged(obj, placement, index))
         tasks.append(_Task(obj, placement.top, placement.top_listed, workload, report.namespaces[namespace]))
     return tasks, gone
+
+
+def _as_judged(pod: Observed, placement: Placement, index: Mapping[str, Observed]) -> Workload:
+    workload = as_judged(pod, placement.judged_as)
+    controller = index.get(placement.judged_as.uid) if placement.judged_as.uid else None
+    if controller is not None and controller.workload.break_glass is not None:
+        # The annotation on the workload admission judged stands for its Pods too.
+        workload = replace(workload, annotations={BREAK_GLASS_ANNOTATION: controller.workload.break_glass})
+    return workload
 
 
 def _subjects(tasks: Sequence[_Task], policy: Policy) -> list[Subject]:
