@@ -237,3 +237,20 @@ def test_a_broken_policy_edit_keeps_the_last_good_policy(tmp_path: Path) -> None
     assert source.changed() is True and source.policy.default_mode is policy_mod.Mode.AUDIT
     kit.policy_path.write_text("environments: [")
     assert source.changed() is False and source.policy.default_mode is policy_mod.Mode.AUDIT
+
+
+def test_the_cycle_collector_comes_back_after_every_listing() -> None:
+    # Paused while a listing decodes (acyclic objects); left off, cyclic garbage elsewhere would pile up.
+    import gc
+
+    from webhook.cluster_listing import collector_paused
+
+    assert gc.isenabled()
+    with collector_paused():
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_paused():
+        raise RuntimeError("a listing that fails")
+    assert gc.isenabled()
