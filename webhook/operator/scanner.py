@@ -114,6 +114,7 @@ class PolicySource:
     def __init__(self, policy: Policy, path: Path | None) -> None:
         self.policy = policy
         self._path = path
+        self._seen = ""
         self._seen = self._digest()
 
     def _digest(self) -> str:
@@ -121,8 +122,8 @@ class PolicySource:
             return ""
         try:
             return hashlib.sha256(self._path.read_bytes()).hexdigest()
-        except OSError:
-            return self._seen if hasattr(self, "_seen") else ""
+        except OSError:  # mid-update (the kubelet swaps a ConfigMap's files): as it was
+            return self._seen
 
     def changed(self) -> bool:
         digest = self._digest()
