@@ -71,7 +71,7 @@ unit: venv system-deps toolchain
 test: venv system-deps toolchain lint
 	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
 
-bench: venv system-deps
+bench: venv system-deps toolchain
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	$(BIN)/python -m tools.bench
 
