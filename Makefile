@@ -77,7 +77,7 @@ FAULT_CYCLES ?= 50
 faults: venv system-deps
 	PROMOTION_GATE_FAULT_CYCLES=$(FAULT_CYCLES) $(BIN)/pytest -s tests/test_faults.py $(PYTEST_ARGS)
 
-bench: venv system-deps
+bench: venv system-deps toolchain
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)
 	$(BIN)/python -m tools.bench
 

@@ -19,10 +19,11 @@ from cryptography import x509
 from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, ci_record, envelope, make_kit
 from webhook import policy_file as policy_mod
 from webhook.cli import operator as cli_operator
+from webhook.cluster_access import KubeAccess
 from webhook.core import keys, promotion_rules, records
 from webhook.core.records import RecordKind
 from webhook.ledger import Ledger
-from webhook.operator import audit_anchor, kopf_app
+from webhook.operator import audit_anchor
 from webhook.operator import certificates as tls_rotation
 from webhook.operator import promotions as op
 from webhook.operator.certificates import SecretAction
@@ -467,7 +468,7 @@ def test_the_operators_own_namespace(tmp_path: Path) -> None:
     (None, {}, str(Path("~/.kube/config").expanduser())),
 ])
 def test_how_the_api_server_is_reached(option: str | None, environ: dict[str, str], kubeconfig: str | None) -> None:
-    assert cli_operator.kube_access(option, environ) == kopf_app.KubeAccess(kubeconfig)
+    assert cli_operator.kube_access(option, environ) == KubeAccess(kubeconfig)
 
 
 def test_operator_starts_when_the_store_does_not_answer(caplog: pytest.LogCaptureFixture) -> None:

@@ -8,7 +8,8 @@ lookup at a smaller store, or the same path without audit logging. Results go to
 
 Environment: BENCH_SECONDS (default 10) per run, BENCH_ROUNDS (3) alternating runs per side (medians are
 reported), BENCH_CONNECTIONS (16), BENCH_RECORDS (1000000), BENCH_WORKERS (1),
-BENCH_SKIP (comma-separated scenario names).
+BENCH_SKIP (comma-separated scenario names), BENCH_ONLY (run only these scenarios: policy, audit, ingest,
+scale, scan), BENCH_SCAN_PODS (10000) and BENCH_SCAN_NAMESPACES (100) for the scan scenario.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "10"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "16"))
 RECORDS = int(os.environ.get("BENCH_RECORDS", "1000000"))
 SKIP = set(filter(None, os.environ.get("BENCH_SKIP", "").split(",")))
+ONLY = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+SCAN_PODS = int(os.environ.get("BENCH_SCAN_PODS", "10000"))
+SCAN_NAMESPACES = int(os.environ.get("BENCH_SCAN_NAMESPACES", "100"))
 WORKERS = os.environ.get("BENCH_WORKERS", "1")
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 RESULTS = REPO / "bench-results"
@@ -267,10 +271,143 @@ def scenario_ingest(tmp: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def populate(api_client: Any, images: list[str], unpromoted: list[str], *, namespaces: int, pods: int) -> None:
+    """What the controllers would have made: per namespace, Deployments that own a ReplicaSet that owns 10 Pods.
+
+    One Deployment in ten runs a digest that was never promoted, so the scan has findings to report.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kubernetes import client
+
+    core: Any = client.CoreV1Api(api_client)  # given plain dicts, as everywhere in the project
+    apps: Any = client.AppsV1Api(api_client)
+    per_deployment = 10
+    deployments = max(1, pods // (namespaces * per_deployment))
+
+    def containers(image: str) -> list[dict[str, str]]:
+        return [{"name": "app", "image": image}]
+
+    def namespace_objects(index: int) -> None:
+        name = f"bench-{index:03d}"
+        core.create_namespace({"metadata": {"name": name, "labels": {"promotion-gate.io/environment": "staging"}}},
+                              _preload_content=False)
+        for number in range(deployments):
+            app = f"app-{number:02d}"
+            image = (unpromoted if number % 10 == 9 else images)[(index + number) % len(images)]
+            spec = {"selector": {"matchLabels": {"app": app}},
+                    "template": {"metadata": {"labels": {"app": app}}, "spec": {"containers": containers(image)}}}
+            deployment = json.loads(apps.create_namespaced_deployment(name, {"metadata": {"name": app}, "spec": {
+                **spec, "replicas": per_deployment}}, _preload_content=False).data)
+            owner = {"apiVersion": "apps/v1", "kind": "Deployment", "name": app,
+                     "uid": deployment["metadata"]["uid"], "controller": True}
+            replica_set = json.loads(apps.create_namespaced_replica_set(name, {
+                "metadata": {"name": f"{app}-7d9", "ownerReferences": [owner]},
+                "spec": {**spec, "replicas": per_deployment}}, _preload_content=False).data)
+            rs_owner = {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{app}-7d9",
+                        "uid": replica_set["metadata"]["uid"], "controller": True}
+            for replica in range(per_deployment):
+                core.create_namespaced_pod(name, {
+                    "metadata": {"name": f"{app}-7d9-{replica:02d}", "labels": {"app": app},
+                                 "ownerReferences": [rs_owner]},
+                    "spec": {"nodeName": f"node-{replica % 5}", "containers": containers(image)}},
+                    _preload_content=False)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(namespace_objects, range(namespaces)))
+
+
+def scenario_scan(tmp: Path) -> list[dict[str, Any]]:
+    """Issue 12: one full rescan of 10,000 Pods in 100 namespaces against 1,000,000 records, as a ratio
+    against a plain paginated list of the same Pods (time and API requests); and the operator's rescan
+    from its list+watch caches, which asks the API server nothing."""
+    from tools.control_plane import LocalControlPlane
+    from webhook import scan
+    from webhook.cluster_access import KubeAccess
+    from webhook.cluster_listing import POD, ClusterCache, Lister
+    from webhook.scan_records import BatchedRecordView
+
+    store_url = f"sqlite:///{tmp / 'scan.db'}"
+    started = time.perf_counter()
+    real, policy_text = seed(store_url, tmp / "kit-scan", RECORDS)
+    seed_seconds = time.perf_counter() - started
+    policy_path = tmp / "scan-policy.yaml"
+    policy_path.write_text(policy_text)
+    policy = policy_mod.load(policy_path)
+    control_plane = LocalControlPlane(tmp / "control-plane")
+    cluster = control_plane.start()
+    rows: list[dict[str, Any]] = []
+    try:
+        api = KubeAccess(str(cluster.kubeconfig)).api_client()
+        started = time.perf_counter()
+        populate(api, [f"ghcr.io/acme/app@{d}" for d in real],
+                 [f"ghcr.io/acme/app@{d}" for d in digests(10, "unpromoted")],
+                 namespaces=SCAN_NAMESPACES, pods=SCAN_PODS)
+        populate_seconds = time.perf_counter() - started
+
+        def plain() -> dict[str, float]:
+            lister = Lister(api)
+            began = time.perf_counter()
+            listed = sum(len(items) for items, _ in lister.pages(POD))
+            return {"seconds": time.perf_counter() - began, "requests": lister.requests, "pods": listed}
+
+        def full_scan() -> dict[str, float]:
+            store = open_store(store_url)
+            view = BatchedRecordView(store, policy)
+            lister = Lister(api)
+            began = time.perf_counter()
+            report = scan.run(lister.inventory(), policy, view, observed_at=records.timestamp(datetime.now(UTC)))
+            took = time.perf_counter() - began
+            store.close()
+            return {"seconds": took, "requests": lister.requests, "pods": report.pods,
+                    "findings": len(report.findings), "store_queries": view.queries}
+
+        base, measured = paired(plain, full_scan)
+        rows.append({"scenario": f"scan: {int(measured['pods']):,} pods in {SCAN_NAMESPACES} namespaces, "
+                                 f"{RECORDS:,} records (CLI, lists every kind) vs a plain paginated pod list",
+                     "baseline": base, "measured": measured, "time_ratio": measured["seconds"] / base["seconds"],
+                     "request_ratio": measured["requests"] / base["requests"], "seed_seconds": seed_seconds,
+                     "populate_seconds": populate_seconds})
+
+        cache = ClusterCache(Lister(api)).start()
+        try:
+            deadline = time.monotonic() + 300
+            while not cache.synced and time.monotonic() < deadline:
+                time.sleep(0.1)
+            listed_by_cache = cache.requests
+            store = open_store(store_url)
+            view = BatchedRecordView(store, policy)
+
+            def rescan() -> dict[str, float]:
+                view.queries = 0
+                began = time.perf_counter()
+                report = scan.run(cache.snapshot(), policy, view, observed_at="bench")
+                return {"seconds": time.perf_counter() - began, "requests": cache.requests - listed_by_cache,
+                        "pods": report.pods, "store_queries": view.queries}
+
+            cold = rescan()  # the records of every digest read once
+            warm_runs = [rescan() for _ in range(ROUNDS)]
+            warm = {key: statistics.median(run[key] for run in warm_runs) for key in warm_runs[0]}
+            store.close()
+        finally:
+            cache.stop()
+        rows.append({"scenario": "operator rescan from its list+watch caches: first (records read) vs next "
+                                 "(record set unchanged)", "baseline": cold, "measured": warm,
+                     "time_ratio": warm["seconds"] / cold["seconds"], "request_ratio": None,
+                     "plain_list_seconds": base["seconds"]})
+        api.close()
+    finally:
+        control_plane.stop()
+    return rows
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     lines = ["| scenario | baseline | measured | ratio |", "|---|---|---|---|"]
     for row in rows:
         def fmt(m: dict[str, float]) -> str:
+            if "seconds" in m:
+                queries = f", {m['store_queries']:.0f} store queries" if "store_queries" in m else ""
+                return f"{m['seconds'] * 1000:.0f} ms, {m['requests']:.0f} API requests{queries}"
             if "median_us" in m:
                 return f"{m['median_us']:.0f} µs median"
             parts = [f"{m['rps']:.0f} req/s"]
@@ -278,30 +415,44 @@ def table(rows: list[dict[str, Any]]) -> str:
                 parts.append(f"p50 {m['p50_ms']:.2f} ms, p99 {m['p99_ms']:.2f} ms")
             return ", ".join(parts)
         ratio = row.get("throughput_ratio")
-        ratio_text = f"throughput ×{ratio:.2f}" if ratio is not None else f"cost ×{row['cost_ratio']:.2f}"
+        if "time_ratio" in row:
+            ratio_text = f"time ×{row['time_ratio']:.2f}"
+            if row.get("request_ratio") is not None:
+                ratio_text += f", requests ×{row['request_ratio']:.2f}"
+        elif ratio is not None:
+            ratio_text = f"throughput ×{ratio:.2f}"
+        else:
+            ratio_text = f"cost ×{row['cost_ratio']:.2f}"
         lines.append(f"| {row['scenario']} | {fmt(row['baseline'])} | {fmt(row['measured'])} | {ratio_text} |")
     return "\n".join(lines)
 
 
+def selected(name: str) -> bool:
+    return name not in SKIP and (not ONLY or name in ONLY)
+
+
 def main() -> None:
-    if shutil.which("wrk") is None:
+    if any(selected(name) for name in ("policy", "audit", "ingest", "scale")) and shutil.which("wrk") is None:
         sys.exit("wrk not found: run 'make bench' (it installs Debian's wrk)")
     RESULTS.mkdir(exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="promotion-gate-bench-"))
     rows: list[dict[str, Any]] = []
     try:
-        if "policy" not in SKIP:
+        if selected("policy"):
             rows += scenario_policy_cost(tmp)
-        if "audit" not in SKIP:
+        if selected("audit"):
             rows += scenario_audit_cost(tmp)
-        if "ingest" not in SKIP:
+        if selected("ingest"):
             rows += scenario_ingest(tmp)
-        if "scale" not in SKIP:
+        if selected("scale"):
             with postgres_server() as postgres:
                 rows += scenario_store_scale(tmp, postgres)
+        if selected("scan"):
+            rows += scenario_scan(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     meta = {"seconds": SECONDS, "connections": CONNECTIONS, "records": RECORDS, "workers": WORKERS,
+            "scenarios": sorted(ONLY) or "all", "scan_pods": SCAN_PODS, "scan_namespaces": SCAN_NAMESPACES,
             "cpus": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     (RESULTS / "latest.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -184,7 +184,7 @@ def test_webhook_deployment_defaults(default: Rendered) -> None:
 
 
 def test_service_maps_443_to_the_https_port(default: Rendered) -> None:
-    service = default.one("Service")
+    service = default.one("Service", "promotion-gate")
     assert service["spec"]["ports"] == [{"name": "https", "port": 443, "targetPort": "https", "protocol": "TCP"}]
     assert service["spec"]["selector"] == default.deployment()["spec"]["selector"]["matchLabels"]
 
@@ -467,8 +467,11 @@ def test_notes_tell_the_operator_what_to_do_next(tmp_path: Path) -> None:
         "warn    - still admitted",
         "enforce - workloads with tags or unpromoted digests are denied",
         "kubectl delete validatingwebhookconfiguration promotion-gate",
+        "kubectl get policyreport -A",
+        "kubectl get events -A --field-selector reason=DigestRevoked",
     ):
         assert line in notes
+    assert "kubectl get policyreport" not in render_notes({"operator.scan.enabled": False}, tmp_path / "no-scan")
     opt_in = render_notes({"webhook.namespaceSelector.mode": "optIn"}, tmp_path / "opt-in")
     assert "kubectl label namespace <namespace> promotion-gate.io/enforce=true" in opt_in
 
@@ -624,6 +627,13 @@ OPERATOR_BASE = {
     ("ClusterRole", "", "namespaces", "list", "*"),
     ("ClusterRole", "", "namespaces", "watch", "*"),
 }
+OPERATOR_SCAN = {
+    ("ClusterRole", group, resource, verb, "*")
+    for group, resources in (("", ("pods", "replicationcontrollers")),
+                             ("apps", ("deployments", "replicasets", "statefulsets", "daemonsets")),
+                             ("batch", ("jobs", "cronjobs")))
+    for resource in resources for verb in ("list", "watch")
+} | {("ClusterRole", "wgpolicyk8s.io", "policyreports", verb, "*") for verb in ("list", "create", "patch")}
 OPERATOR_CERTIFICATES = {
     ("ClusterRole", "admissionregistration.k8s.io", "validatingwebhookconfigurations", verb, "promotion-gate")
     for verb in ("get", "update", "patch")
@@ -631,7 +641,7 @@ OPERATOR_CERTIFICATES = {
 
 
 def test_operator_mode_manages_certificates_with_least_privilege(default: Rendered) -> None:
-    assert _operator_rules(default) == OPERATOR_BASE | OPERATOR_CERTIFICATES
+    assert _operator_rules(default) == OPERATOR_BASE | OPERATOR_SCAN | OPERATOR_CERTIFICATES
     role = default.one("Role")
     assert role["metadata"]["namespace"] == NAMESPACE
     args = default.container("operator")["args"]
@@ -648,6 +658,11 @@ def test_operator_mode_manages_certificates_with_least_privilege(default: Render
         "promotion-gate-tls",
         "--service",
         "promotion-gate",
+        "--scan",
+        "--scan-interval",
+        "300",
+        "--metrics-address",
+        "0.0.0.0:9102",
     ]
     tls = next(v for v in default.deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "promotion-gate-tls"
@@ -655,12 +670,21 @@ def test_operator_mode_manages_certificates_with_least_privilege(default: Render
     assert not [o for o in default.objects if o["apiVersion"].startswith("cert-manager.io")]
 
 
-def test_webhook_service_account_only_reads_namespaces(default: Rendered) -> None:
-    binding = next(b for b in default.of_kind("ClusterRoleBinding") if b["subjects"][0]["name"] == "promotion-gate")
-    assert default.one("ClusterRole", binding["roleRef"]["name"])["rules"] == [
-        {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}
-    ]
-    assert [b for b in default.of_kind("RoleBinding") if b["subjects"][0]["name"] == "promotion-gate"] == []
+NAMESPACES_ONLY = [{"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]}]
+RUNNING_LOOKUP = [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+                  {"apiGroups": ["apps"], "resources": ["replicasets"], "verbs": ["list"]},
+                  {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list"]}]
+
+
+@pytest.mark.parametrize(("lookup", "rules", "flag"), [(True, NAMESPACES_ONLY + RUNNING_LOOKUP, False),
+                                                       (False, NAMESPACES_ONLY, True)])
+def test_webhook_service_account_reads_namespaces_and_lists_pods_only_for_trace(
+        lookup: bool, rules: list[dict[str, Any]], flag: bool) -> None:
+    rendered = render({"server.runningLookup": lookup})
+    binding = next(b for b in rendered.of_kind("ClusterRoleBinding") if b["subjects"][0]["name"] == "promotion-gate")
+    assert rendered.one("ClusterRole", binding["roleRef"]["name"])["rules"] == rules
+    assert [b for b in rendered.of_kind("RoleBinding") if b["subjects"][0]["name"] == "promotion-gate"] == []
+    assert ("--no-running-lookup" in rendered.container()["args"]) is flag
 
 
 def test_cert_manager_mode_issues_the_serving_certificate_and_injects_the_ca() -> None:
@@ -676,7 +700,7 @@ def test_cert_manager_mode_issues_the_serving_certificate_and_injects_the_ca() -
     assert serving["issuerRef"]["name"] == "promotion-gate-ca"
     annotations = rendered.webhook_config["metadata"]["annotations"]
     assert annotations["cert-manager.io/inject-ca-from"] == "promotion-gate/promotion-gate-serving"
-    assert _operator_rules(rendered) == OPERATOR_BASE  # no certificate rights without operator mode
+    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_SCAN  # no certificate rights without operator mode
     assert not [a for a in rendered.container("operator")["args"] if a.startswith("--manage")]
     custom = render(
         {**CERT_MANAGER, "certificates.certManager.issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}
@@ -691,7 +715,7 @@ def test_provided_mode_uses_the_given_secret_and_ca_bundle() -> None:
     assert "annotations" not in rendered.webhook_config["metadata"]
     tls = next(v for v in rendered.deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls")
     assert tls["secret"]["secretName"] == "my-tls"
-    assert _operator_rules(rendered) == OPERATOR_BASE
+    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_SCAN
     assert not [o for o in rendered.objects if o["apiVersion"].startswith("cert-manager.io")]
 
 
@@ -821,3 +845,44 @@ def test_network_policy_lets_the_helm_test_pod_and_extra_rules_in() -> None:
     (helm_test,) = [rule for rule in ingress if "podSelector" in rule["from"][0]]
     assert helm_test["from"][0]["podSelector"]["matchLabels"].items() <= test_pod.items()
     assert ingress[-1] == monitoring
+
+
+# --- scanning what runs ---------------------------------------------------------------------------
+
+
+def test_scan_metrics_are_served_and_scraped_next_to_the_webhooks() -> None:
+    rendered = render({"metrics.serviceMonitor.enabled": True})
+    container = rendered.container("operator")
+    assert container["ports"] == [{"name": "metrics", "containerPort": 9102, "protocol": "TCP"}]
+    service = rendered.one("Service", "promotion-gate-operator-metrics")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9102, "targetPort": "metrics", "protocol": "TCP"}]
+    assert service["spec"]["selector"] == rendered.deployment("operator")["spec"]["selector"]["matchLabels"]
+    monitor = rendered.one("ServiceMonitor", "promotion-gate-operator")
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http",
+                                             "interval": "30s"}]
+
+
+METRICS = ["--metrics-address", "0.0.0.0:9102"]
+
+
+@pytest.mark.parametrize(("values", "absent_rules", "flags"), [
+    ({}, set(), ["--scan", "--scan-interval", "300", *METRICS]),
+    ({"operator.scan.enabled": False}, OPERATOR_SCAN, []),
+    ({"operator.scan.policyReports": False}, {r for r in OPERATOR_SCAN if r[1] == "wgpolicyk8s.io"},
+     ["--scan", "--scan-interval", "300", "--no-policy-reports", *METRICS]),
+    ({"operator.scan.revocationEvents": False, "operator.scan.metricsPort": 0, "operator.scan.interval": 60},
+     set(), ["--scan", "--scan-interval", "60", "--no-revocation-events"]),
+])
+def test_scan_settings_become_flags_and_rights(values: dict[str, Any], absent_rules: set[Any],
+                                               flags: list[str]) -> None:
+    rendered = render(values)
+    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_CERTIFICATES | (OPERATOR_SCAN - absent_rules)
+    args = rendered.container("operator")["args"]
+    assert args[args.index("--service") + 2:] == flags
+    served = "--metrics-address" in flags
+    assert ("ports" in rendered.container("operator")) is served
+    assert ("promotion-gate-operator-metrics" in rendered.names("Service")) is served
+
+
+def test_scan_interval_below_ten_seconds_is_refused() -> None:
+    assert "- at '/operator/scan/interval': minimum: got 1, want 10" in render_error({"operator.scan.interval": 1})

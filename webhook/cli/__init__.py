@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from webhook.cli import audit, check, operator, pin, records, server
+from webhook.cli import audit, check, operator, pin, records, scan, server
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -22,7 +22,7 @@ def main() -> None:
 
 
 for command in (server.certs, check.check, server.serve, *records.COMMANDS, pin.pin, audit.audit_group,
-                operator.operator_command):
+                operator.operator_command, scan.scan_cmd):
     main.add_command(command)
 
 __all__ = ["main"]

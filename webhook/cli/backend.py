@@ -57,6 +57,9 @@ class Backend(Protocol):
     def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]: ...
     def record_view(self) -> RecordView: ...
     def tag_promotions(self, tags: Sequence[TagSubject], environment: str) -> dict[TagSubject, TagPromotion]: ...
+    def running(self, digest: str) -> dict[str, Any] | None:
+        """Where the digest runs now, if this backend can say (``None``: ask the cluster yourself)."""
+        ...
 
 
 def read_token(path: Path) -> str:
@@ -146,6 +149,16 @@ class HttpBackend:
     def status(self, image: str) -> dict[str, Any]:
         return self._get("/api/v1/status", {"image": image})
 
+    def running(self, digest: str) -> dict[str, Any] | None:
+        """``GET /api/v1/running/<digest>``; a server without cluster access answers 404 (``None``)."""
+        response = self._request("GET", f"/api/v1/running/{digest}")
+        data = self._json(response)
+        if response.status_code == 404:
+            return None
+        if response.status_code != 200:
+            raise BackendError(f"{self.server}: {response.status_code} {data.get('error', '')}")
+        return data
+
     def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]:
         """Events page by page (the server answers at most 1000 and 8 MiB at a time), up to ``limit``."""
         after = 0
@@ -215,6 +228,9 @@ class LocalBackend:
             return dict(self.ledger.lookup([], list(dict.fromkeys(tags)), environment).tags)
         except StoreError as exc:
             raise BackendError(str(exc)) from exc
+
+    def running(self, digest: str) -> dict[str, Any] | None:
+        return None  # a store knows records, not the cluster
 
 
 def open_local_store(url: str) -> SqlStore:

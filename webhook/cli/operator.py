@@ -25,7 +25,7 @@ from webhook.store import SqlStore, StoreError, StoreUnavailable
 from webhook.store import open_store as open_sql_store
 
 if TYPE_CHECKING:  # the operator's kopf module: only when the command runs, not for --help
-    from webhook.operator.kopf_app import KubeAccess
+    from webhook.cluster_access import KubeAccess
 
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 DEFAULT_NAMESPACE = "promotion-gate"
@@ -64,15 +64,9 @@ def own_namespace(option: str | None, service_account_file: Path = SERVICE_ACCOU
 
 def kube_access(kubeconfig: str | None, environ: Mapping[str, str]) -> KubeAccess:
     """--kubeconfig, else $KUBECONFIG, else the pod's service account in a cluster, else ~/.kube/config."""
-    from webhook.operator.kopf_app import KubeAccess
+    from webhook.cluster_access import resolve
 
-    if kubeconfig:
-        return KubeAccess(kubeconfig)
-    if environ.get("KUBECONFIG"):
-        return KubeAccess(environ["KUBECONFIG"])
-    if environ.get("KUBERNETES_SERVICE_HOST"):
-        return KubeAccess(None)
-    return KubeAccess(str(Path("~/.kube/config").expanduser()))
+    return resolve(kubeconfig, environ)
 
 
 def load_policy(path: Path) -> Policy:
@@ -117,6 +111,13 @@ def open_store(url: str) -> SqlStore:
     except StoreError as exc:
         raise click.ClickException(f"store: {exc}") from exc
     return store
+
+
+def host_port(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise click.BadParameter(f'"{value}" is not HOST:PORT (e.g. 0.0.0.0:9102)', param_hint="--metrics-address")
+    return host.strip("[]"), int(port)
 
 
 def certificate_settings(manage: bool, namespace: str, secret: str, service: str,
@@ -176,12 +177,30 @@ def anchor_settings(name: str | None, namespace: str, policy: Policy,
               help="Seconds between checks of the audit log against its anchor.")
 @click.option("--kubeconfig", help="kubeconfig file [default: $KUBECONFIG, in a pod its service account, "
                                    "else ~/.kube/config].")
+@click.option("--scan/--no-scan", "scan", default=False, show_default=True,
+              help="Keep a live answer to what runs unpromoted: PolicyReports, a gauge, Events on revocation.")
+@click.option("--scan-interval", type=click.FloatRange(min=10.0), default=300.0, show_default=True,
+              help="Seconds between full rescans (a record or policy change rescans at once).")
+@click.option("--scan-settle", type=click.FloatRange(min=0.5), default=5.0, show_default=True,
+              help="After cluster changes, at most one rescan per this many seconds.")
+@click.option("--record-poll", type=click.FloatRange(min=0.2), default=2.0, show_default=True,
+              help="Seconds between checks of the store's record version and of the policy file.")
+@click.option("--policy-reports/--no-policy-reports", default=True, show_default=True,
+              help="Write a wgpolicyk8s.io/v1alpha2 PolicyReport per namespace.")
+@click.option("--revocation-events/--no-revocation-events", default=True, show_default=True,
+              help="Post an Event on each workload a revocation makes non-compliant.")
+@click.option("--request-timeout", type=click.FloatRange(1.0, 300.0), default=30.0, show_default=True,
+              help="Seconds each request of the scan to the API server may take.")
+@click.option("--metrics-address", metavar="HOST:PORT", default="",
+              help="Serve the scan metrics (Prometheus), e.g. 0.0.0.0:9102.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def operator_command(store: str, policy_path: Path, key_path: Path | None, namespace_scope: str,
                      manage_certificates: bool, webhook_config: str, tls_secret: str, service: str,
                      namespace: str | None, certificate_check_interval: float, peering: bool,
                      liveness_endpoint: str | None, audit_anchor_name: str | None, audit_anchor_interval: float,
-                     kubeconfig: str | None, verbose: bool) -> None:
+                     kubeconfig: str | None, scan: bool, scan_interval: float,
+                     scan_settle: float, record_poll: float, policy_reports: bool, revocation_events: bool,
+                     request_timeout: float, metrics_address: str, verbose: bool) -> None:
     """Record Promotion objects as signed promotion records; keep the webhook's certificate valid.
 
     Run a single replica: every Promotion is handled by one operator (see docs/operator.md).
@@ -201,11 +220,19 @@ def operator_command(store: str, policy_path: Path, key_path: Path | None, names
         access.client_configuration()
     except Exception as exc:  # the client raises ConfigException, OSError, ValueError, ...
         raise click.ClickException(f"cannot configure the Kubernetes client from {access.describe()}: {exc}") from exc
+    scanning = None
+    if scan:
+        from webhook.operator.scanner import ScanSettings
+
+        scanning = ScanSettings(interval=scan_interval, settle=scan_settle, record_poll=record_poll,
+                                policy_path=policy_path, policy_reports=policy_reports, events=revocation_events,
+                                request_timeout=request_timeout,
+                                metrics_address=host_port(metrics_address) if metrics_address else None)
     sql_store = open_store(store)
     config = operator_mod.OperatorConfig(
         ledger=Ledger(sql_store, policy), signer=signer, kube=access, namespaces=namespaces, certificates=certificates,
         certificate_interval=certificate_check_interval, peering=peering, liveness_endpoint=liveness_endpoint,
-        anchor=anchor)
+        scan=scanning, anchor=anchor)
     try:
         operator_mod.run(config)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,11 +12,13 @@ from typing import Any, NoReturn
 
 import click
 
-from webhook import key_files, ledger, record_json, registry, registry_credentials
-from webhook.cli.backend import Backend, open_backend
+from webhook import cluster_access, key_files, ledger, record_json, registry, registry_credentials
+from webhook.cli.backend import Backend, BackendError, open_backend
 from webhook.cli.options import BackendOptions, ExitCode, backend_options, grouped, load_policy
+from webhook.cluster_listing import OWNER_CHAIN, ClusterError, Lister, now_rfc3339
 from webhook.core import dsse, image_labels, keys, records, references
 from webhook.core.records import Record, RecordKind
+from webhook.running import where_it_runs, where_json, where_lines
 
 
 @dataclass(frozen=True)
@@ -357,16 +360,52 @@ def history_cmd(image: str, environment: str | None, limit: int, backend: Backen
             click.echo(f"      {detail}")
 
 
+NO_CLUSTER_ACCESS = ("no cluster access: give --kubeconfig, set KUBECONFIG, or ask a server that runs with "
+                     "--kubernetes")
+
+
+def running_now(target: Backend, digest: str, kubeconfig: str | None, timeout: float) -> dict[str, Any]:
+    """Where the digest runs: the server's answer, else this command's own listing, else why it is unknown."""
+    unknown = ""
+    try:
+        answer = target.running(digest)
+    except BackendError as exc:
+        answer, unknown = None, str(exc)
+    if answer is not None:
+        return answer
+    access = cluster_access.configured(kubeconfig, os.environ)
+    if access is None:
+        return {"unknown": unknown or NO_CLUSTER_ACCESS}
+    try:
+        lister = Lister(access.api_client(), timeout=timeout)
+        inventory = lister.inventory(resources=OWNER_CHAIN)
+    except ClusterError as exc:
+        return {"unknown": str(exc)}
+    except Exception as exc:  # the client raises ConfigException, OSError, ValueError, ...
+        return {"unknown": f"cannot configure the Kubernetes client from {access.describe()}: {exc}"}
+    return where_json(where_it_runs(inventory, digest, now_rfc3339()))
+
+
 @click.command("trace")
 @click.argument("digest")
+@click.option("--cluster/--no-cluster", default=True, show_default=True,
+              help="Also show where the digest runs now (from the server, or this command's cluster access).")
+@click.option("--kubeconfig", help="kubeconfig for --cluster [default: $KUBECONFIG, in a pod its service account, "
+                                   "else ~/.kube/config if it exists].")
+@click.option("--request-timeout", type=click.FloatRange(0.5, 300), default=30.0, show_default=True,
+              help="Seconds each request to the Kubernetes API server may take.")
 @backend_options
-def trace_cmd(digest: str, backend: BackendOptions) -> None:
-    """The chain of custody of a digest: records, revocations, and admissions that named it."""
+def trace_cmd(digest: str, cluster: bool, kubeconfig: str | None, request_timeout: float,
+              backend: BackendOptions) -> None:
+    """The chain of custody of a digest: records, revocations, admissions that named it, where it runs now."""
     if "@" in digest:
         digest = digest.rsplit("@", 1)[1]
     if not references.is_digest(digest):
         raise click.BadParameter(f"{digest!r} is not sha256:<64 hex> or sha512:<128 hex>", param_hint="DIGEST")
-    data = open_backend(backend).trace(digest)
+    target = open_backend(backend)
+    data = target.trace(digest)
+    if cluster:
+        data["running"] = running_now(target, digest, kubeconfig, request_timeout)
     if backend.json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -390,6 +429,13 @@ def trace_cmd(digest: str, backend: BackendOptions) -> None:
         where = f"{event.get('kind', '?')} {event['namespace']}/{event.get('name', '?')}"
         click.echo(f"  {event['time']} {verdict} {where} by {event['user']} "
                    f"[{', '.join(event['reasons']) or 'ok'}]{omitted}")
+    running = data.get("running")
+    if running is not None:
+        if "unknown" in running:
+            click.echo(f"running now: unknown ({running['unknown']})")
+        else:
+            for line in where_lines(running):
+                click.echo(line)
 
 
 def _record_line(item: dict[str, Any]) -> str:

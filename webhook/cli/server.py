@@ -40,6 +40,8 @@ def certs(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
               help="Signing key for audit checkpoints [env: PROMOTION_GATE_SERVER_KEY].")
 @click.option("--kubernetes/--no-kubernetes", "use_kubernetes", default=None,
               help="Read namespace labels from the Kubernetes API (default: when running in a cluster).")
+@click.option("--running-lookup/--no-running-lookup", "running_lookup", default=None,
+              help="List Pods to answer GET /api/v1/running/<digest> (trace) (default: with --kubernetes).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Worker processes; each waits on its connections in one event loop.")
 @click.option("--threads", default=8, show_default=True, type=click.IntRange(1, 256),
@@ -68,7 +70,8 @@ def certs(directory: Path, hosts: tuple[str, ...], force: bool) -> None:
                    "these; repeat for several.")
 @click.option("--baseline-endpoint", is_flag=True, hidden=True, help="Expose /baseline/allow for benchmarks.")
 def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, store: str | None,
-          server_key: Path | None, use_kubernetes: bool | None, workers: int, threads: int,
+          server_key: Path | None, use_kubernetes: bool | None, running_lookup: bool | None, workers: int,
+          threads: int,
           max_connections: int, max_connections_per_address: int, body_memory: int, handshake_timeout: float,
           header_timeout: float, body_timeout: float, keepalive_timeout: float,
           validate_client_ca: Path | None, validate_client_names: tuple[str, ...],
@@ -97,10 +100,15 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
     in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    kubernetes = use_kubernetes if use_kubernetes is not None else (in_cluster or policy.watch_namespaces)
+    lookup = None
+    if running_lookup if running_lookup is not None else kubernetes:
+        from webhook.cluster_access import KubeAccess, resolve
+
+        lookup = KubeAccess(None) if in_cluster else resolve(None, os.environ)
     settings = wiring.Settings(
-        policy=policy, store_url=store, server_key=server_key,
-        use_kubernetes=use_kubernetes if use_kubernetes is not None else (in_cluster or policy.watch_namespaces),
-        in_cluster=in_cluster, enable_baseline=baseline_endpoint,
+        policy=policy, store_url=store, server_key=server_key, use_kubernetes=kubernetes,
+        in_cluster=in_cluster, running_lookup=lookup, enable_baseline=baseline_endpoint,
         validate_clients=ValidateClients(required=validate_client_ca is not None,
                                                 names=frozenset(validate_client_names)))
     tls = TlsFiles(certfile=certfile, keyfile=keyfile, client_ca=validate_client_ca)

@@ -17,11 +17,13 @@ from typing import Any
 
 import kopf
 
+from webhook.cluster_access import KubeAccess
 from webhook.core import keys
 from webhook.ledger import Ledger
 from webhook.operator import audit_anchor
 from webhook.operator import certificates as tls_rotation
 from webhook.operator.promotions import Phase, reconcile
+from webhook.operator.scanner import Scanner, ScanSettings
 
 GROUP = "promotion-gate.io"
 VERSION = "v1"
@@ -38,32 +40,6 @@ log = logging.getLogger("promotion_gate.operator")
 
 
 @dataclass(frozen=True)
-class KubeAccess:
-    """How to reach the API server, resolved once at start-up: a kubeconfig, or the pod's service account."""
-
-    kubeconfig: str | None  # None: in-cluster service account
-
-    def describe(self) -> str:
-        return f"kubeconfig {self.kubeconfig}" if self.kubeconfig else "in-cluster service account"
-
-    def client_configuration(self) -> Any:
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        if self.kubeconfig is None:
-            config.load_incluster_config(client_configuration=configuration)
-        else:
-            config.load_kube_config(config_file=self.kubeconfig, client_configuration=configuration,
-                                    persist_config=False)
-        return configuration
-
-    def api_client(self) -> Any:
-        from kubernetes import client
-
-        return client.ApiClient(configuration=self.client_configuration())
-
-
-@dataclass(frozen=True)
 class OperatorConfig:
     ledger: Ledger
     signer: keys.SigningKey | None  # None: only Promotions with a pre-signed spec.envelope are recorded
@@ -75,6 +51,7 @@ class OperatorConfig:
     liveness_endpoint: str | None = None
     store_retry: float = STORE_RETRY_SECONDS
     anchor: audit_anchor.AnchorSettings | None = None  # None: no external anchor of the audit log
+    scan: ScanSettings | None = None  # None: no scanning of what runs
 
 
 # --- kopf wiring ------------------------------------------------------------------------------------
@@ -180,6 +157,27 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             for api_client in clients:
                 api_client.close()
 
+    scan_settings = config.scan
+    if scan_settings is not None:
+        scanners: list[Scanner] = []
+
+        @kopf.on.startup(id="scanner", registry=registry)
+        async def start_scanner(**_: Any) -> None:
+            # Like the certificate task, the scanner belongs to the whole installation, not to one object:
+            # its own list+watch caches and thread, started and stopped with the operator.
+            scanner = Scanner(scan_settings, config.ledger.policy, config.ledger.store, config.kube)
+            try:
+                await asyncio.to_thread(scanner.start)
+            except OSError as exc:  # a metrics address in use or not ours: retrying would not help
+                raise kopf.PermanentError(f"cannot serve the scan metrics on {scan_settings.metrics_address}: "
+                                          f"{exc}") from exc
+            scanners.append(scanner)
+
+        @kopf.on.cleanup(id="scanner", registry=registry)
+        async def stop_scanner(**_: Any) -> None:
+            for scanner in scanners:
+                await asyncio.to_thread(scanner.stop)
+
     anchor = config.anchor
     if anchor is not None:
         _keep_audit_anchor(registry, config, anchor)
@@ -225,10 +223,11 @@ def configure_logging(verbose: bool) -> None:
 
 def run(config: OperatorConfig) -> None:
     """Run the operator until SIGTERM/SIGINT."""
-    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s, audit anchor %s",
+    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s, scan %s, audit anchor %s",
              config.kube.describe(), ", ".join(config.namespaces) or "all",
              config.signer.key_id[:12] if config.signer else "none (envelopes only)",
              "managed" if config.certificates else "not managed",
+             f"every {config.scan.interval:g}s and on every record or policy change" if config.scan else "off",
              f"ConfigMap {config.anchor.namespace}/{config.anchor.configmap}" if config.anchor else "none")
     kopf.run(
         registry=build_registry(config),

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, Response, g, jsonify, request
 
 from webhook import ledger
+from webhook.cluster_listing import ClusterError, RunningLookup
 from webhook.core import dsse, references
 from webhook.core.policy import ApiToken, Policy
 from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, tag_promotion_json, trace_chunks
+from webhook.running import where_json
 from webhook.server import query
 from webhook.store.errors import AuditTampered, StoreError
 from webhook.store.sql import AuditQuery
@@ -62,7 +64,11 @@ def _envelope_and_expectation(body: Any) -> tuple[Any, dict[str, Any] | None]:
     return body, None
 
 
-def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
+NO_CLUSTER_ACCESS = ("this server has no Kubernetes access, so it cannot say where a digest runs; run it with "
+                     "--kubernetes (the chart does), or run 'promotion-gate trace' with a kubeconfig")
+
+
+def register(records: ledger.Ledger, running: RunningLookup | None = None) -> Callable[[Flask, Services], None]:
     def attach(app: Flask, services: Services) -> None:
         policy = services.policy
         metrics = services.metrics
@@ -143,6 +149,17 @@ def register(records: ledger.Ledger) -> Callable[[Flask, Services], None]:
             if not references.is_digest(digest):
                 return _error(400, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
             return Response(trace_chunks(records.trace(digest)), mimetype="application/json")
+
+        @api.get("/running/<path:digest>")
+        def running_now(digest: str) -> Response:
+            if not references.is_digest(digest):
+                return _error(400, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
+            if running is None:
+                return _error(404, NO_CLUSTER_ACCESS)
+            try:
+                return jsonify(where_json(running.where(digest)))
+            except ClusterError as exc:
+                return _error(503, str(exc)[:300])
 
         @api.get("/status")
         def status() -> Response:

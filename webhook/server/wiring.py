@@ -17,6 +17,7 @@ from typing import Any
 from flask import Flask
 
 from webhook import environments, key_files
+from webhook.cluster_access import KubeAccess
 from webhook.core.errors import GateError
 from webhook.core.keys import InvalidKey
 from webhook.core.policy import Policy
@@ -44,6 +45,7 @@ class Settings:
     server_key: Path | None = None
     use_kubernetes: bool = False
     in_cluster: bool = False  # the pod's service account, not a kubeconfig, reaches the API server
+    running_lookup: KubeAccess | None = None  # lists Pods for GET /api/v1/running/<digest>; None: no access
     enable_baseline: bool = False
     validate_clients: ValidateClients = field(default_factory=ValidateClients)
 
@@ -138,7 +140,13 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Flask:
                                          stdout=StdoutDecisionLog(policy_digest=settings.policy.digest))
             atexit.register(chained.close)  # a worker that stops cleanly leaves no event unsealed
             decision_log = chained
-        api = api_mod.register(Ledger(store, settings.policy))
+        running = None
+        if settings.running_lookup is not None:
+            from webhook.cluster_listing import Lister, RunningLookup
+
+            access = settings.running_lookup
+            running = RunningLookup(lambda: Lister(access.api_client(), timeout=10.0))
+        api = api_mod.register(Ledger(store, settings.policy), running)
 
     def ready() -> tuple[bool, str]:
         if watcher is not None and not watcher.synced:
