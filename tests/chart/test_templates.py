@@ -755,7 +755,7 @@ def test_the_operator_keeps_the_audit_anchor_with_the_server_key(tmp_path: Path)
     args = rendered.container("operator")["args"]
     at = args.index("--audit-anchor")
     assert args[at:at + 4] == ["--audit-anchor", "promotion-gate-audit-anchor", "--audit-anchor-interval", "30"]
-    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_CERTIFICATES | OPERATOR_ANCHOR
+    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_SCAN | OPERATOR_CERTIFICATES | OPERATOR_ANCHOR
     role = rendered.one("Role", "promotion-gate-operator-audit-anchor")
     assert role["metadata"]["namespace"] == NAMESPACE
     policy_path = tmp_path / "policy.yaml"
@@ -763,7 +763,7 @@ def test_the_operator_keeps_the_audit_anchor_with_the_server_key(tmp_path: Path)
     loaded = policy_mod.load(policy_path)
     assert [k.public_pem().decode() for k in loaded.audit_checkpoint_keys] == [SERVER_PUBLIC_KEY]
     switched_off = render({**SERVER_KEY, "auditAnchor.enabled": False})
-    assert _operator_rules(switched_off) == OPERATOR_BASE | OPERATOR_CERTIFICATES
+    assert _operator_rules(switched_off) == OPERATOR_BASE | OPERATOR_SCAN | OPERATOR_CERTIFICATES
     assert "--audit-anchor" not in switched_off.container("operator")["args"]
     assert _operator_rules(render({**SERVER_KEY, "operator.enabled": False, **CERT_MANAGER})) == set()
 
