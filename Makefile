@@ -10,7 +10,7 @@ TOOLBIN     := $(shell echo $${PROMOTION_GATE_CACHE:-$${XDG_CACHE_HOME:-$$HOME/.
 PYTEST_ARGS ?=
 FUZZ_BODIES ?= 100000
 
-.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind fuzz clean \
+.PHONY: help venv run test unit lint e2e toolchain system-deps bench manifests e2e-kind faults fuzz clean \
         e2e-cluster cluster-deps cluster-toolchain cluster-images cluster-up cluster-down
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make unit       the suite without the control-plane tests"
 	@echo "make lint       ruff, mypy and the import layers (import-linter)"
 	@echo "make bench      benchmarks, reported as ratios against a baseline (docs/benchmarks.md)"
+	@echo "make faults     kill -9 under load on both backends, FAULT_CYCLES (50) times each: nothing acknowledged lost"
 	@echo "make fuzz       property-based fuzzing of /validate and the record API (FUZZ_BODIES, default 100000)"
 	@echo "make manifests  re-render manifests/ from the Helm chart"
 	@echo "make e2e-kind   the end-to-end suite against a kind cluster (needs Docker)"
@@ -70,6 +71,11 @@ unit: venv system-deps toolchain
 # The single-node cluster scenarios (tests/cluster) run in `make e2e-cluster`, which .ci/run also runs.
 test: venv system-deps toolchain lint
 	PATH="$(TOOLBIN):$$PATH" $(BIN)/pytest -m "not cluster" $(PYTEST_ARGS)
+
+# kill -9 during admissions and record submissions, on SQLite and PostgreSQL (make test runs 3 cycles of each).
+FAULT_CYCLES ?= 50
+faults: venv system-deps
+	PROMOTION_GATE_FAULT_CYCLES=$(FAULT_CYCLES) $(BIN)/pytest -s tests/test_faults.py $(PYTEST_ARGS)
 
 bench: venv system-deps toolchain
 	@command -v wrk >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null)

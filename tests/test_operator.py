@@ -5,6 +5,7 @@ and its command line. The same operator against a real API server: tests/e2e/tes
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -22,11 +23,14 @@ from webhook.cluster_access import KubeAccess
 from webhook.core import keys, promotion_rules, records
 from webhook.core.records import RecordKind
 from webhook.ledger import Ledger
+from webhook.operator import audit_anchor
 from webhook.operator import certificates as tls_rotation
 from webhook.operator import promotions as op
 from webhook.operator.certificates import SecretAction
 from webhook.operator.promotions import Phase
 from webhook.store import SqlStore, open_store
+from webhook.store.audit_chain import AnchorOutcome
+from webhook.store.audit_format import Checkpoint, Sealer
 
 CREATED = "2026-11-25T10:00:00Z"
 OTHER_DIGEST = "sha256:" + "b" * 64
@@ -402,7 +406,8 @@ def test_the_command_lists_its_options() -> None:
     result = invoke("--help")
     assert result.exit_code == 0
     for option in ("--store", "--policy", "--key", "--namespace-scope", "--manage-certificates", "--webhook-config",
-                   "--tls-secret", "--service", "--namespace", "--peering / --standalone", "--liveness"):
+                   "--tls-secret", "--service", "--namespace", "--peering / --standalone", "--liveness",
+                   "--audit-anchor", "--audit-anchor-interval"):
         assert option in result.output
 
 
@@ -420,6 +425,11 @@ def test_the_command_lists_its_options() -> None:
     (["--store", "sqlite:///x.db", "--policy", "{kit}/policy.yaml", "--key", "{kit}/keys/ci.pem",
       "--manage-certificates", "--tls-secret", "TLS"], 'Invalid value for --tls-secret: "TLS" is not a Kubernetes '
                                                        "object name"),
+    (["--store", "sqlite:///x.db", "--policy", "{kit}/policy.yaml", "--audit-anchor", "anchor"],
+     "Invalid value for --audit-anchor: the policy names no audit.checkpointKeys: the public keys whose signed "
+     "checkpoints the anchor keeps"),
+    (["--store", "sqlite:///x.db", "--policy", "{kit}/policy.yaml", "--audit-anchor", "Anchor"],
+     'Invalid value for --audit-anchor: "Anchor" is not a Kubernetes object name'),
 ])
 def test_bad_start_up_inputs_are_named(kit: Kit, args: list[str], message: str) -> None:
     result = invoke(*(a.format(kit=kit.root) for a in args))
@@ -470,3 +480,35 @@ def test_operator_starts_when_the_store_does_not_answer(caplog: pytest.LogCaptur
         store = cli_operator.open_store(url)
     assert store.dialect == "postgresql"
     assert "the store is unavailable" in caplog.text and "Promotions stay Pending until it answers" in caplog.text
+
+
+# --- the audit log's external anchor: what the operator writes into its ConfigMap ---------------------
+
+
+def _checkpoint(seq: int) -> Checkpoint:
+    return Sealer(keys.generate("ed25519"), 100, 60).sign(seq=seq, prev_hash="0" * 64, kind="seal", event_seq=seq * 10,
+                                                         event_hash="e" * 64, created_at="2026-11-25T10:00:00.000000Z")
+
+
+def _data(checkpoint: Checkpoint, status: str = "") -> dict[str, str]:
+    return {"checkpoint.json": json.dumps(checkpoint.to_json(), separators=(",", ":")),
+            "status": status or f"anchored checkpoint {checkpoint.seq} (event {checkpoint.event_seq}, "
+                                f"{checkpoint.created_at})"}
+
+
+FIRST, SECOND = _checkpoint(1), _checkpoint(2)
+ANCHOR_PLANS = {
+    # ConfigMap data now, what the log says -> data to write (None: nothing), problem reported
+    "no anchor yet, log has a checkpoint": (None, AnchorOutcome(FIRST), _data(FIRST), None),
+    "no anchor yet, log has none": (None, AnchorOutcome(None), None, None),
+    "the log moved on": (_data(FIRST), AnchorOutcome(SECOND), _data(SECOND), None),
+    "nothing new": (_data(FIRST), AnchorOutcome(FIRST), None, None),
+    "the log lost the anchor": (_data(FIRST), AnchorOutcome(FIRST, "gone"), _data(FIRST, "TAMPERED: gone"), "gone"),
+    "still lost, reported already": (_data(FIRST, "TAMPERED: gone"), AnchorOutcome(FIRST, "gone"), None, "gone"),
+}
+
+
+@pytest.mark.parametrize(("data", "outcome", "written", "problem"), ANCHOR_PLANS.values(), ids=ANCHOR_PLANS.keys())
+def test_what_the_operator_writes_into_the_audit_anchor(data: dict[str, str] | None, outcome: AnchorOutcome,
+                                                        written: dict[str, str] | None, problem: str | None) -> None:
+    assert audit_anchor.plan(data, outcome) == audit_anchor.Plan(written, problem)

@@ -48,6 +48,12 @@ BAD = {
                                          "      sha256: " + "a" * 64 + "\n      environments: [prod]\n",
                                          "api.tokens[0] (bot).environments: no environment named 'prod'"),
     "inline key garbage": (HEAD + "keys:\n  ci: {publicKey: hello}\n", "keys.ci: keys.ci.publicKey: not a PEM public key"),
+    "checkpoints never due by time": (HEAD + "audit:\n  checkpointSeconds: 0\n",
+                                      "audit.checkpointSeconds: 0 is less than the minimum of 1"),
+    "checkpoints too rare": (HEAD + "audit:\n  checkpointSeconds: 86401\n",
+                             "audit.checkpointSeconds: 86401 is greater than the maximum of 86400"),
+    "unknown checkpoint key": (HEAD + "audit:\n  checkpointKeys: [server]\n",
+                               "audit.checkpointKeys: no key named 'server' under keys"),
     "workload kind already built in": (HEAD + "workloadKinds:\n  - {apiGroup: apps, kind: Deployment, resource: deployments, "
                                        "podSpecPath: spec.template.spec}\n",
                                        "workloadKinds[0]: apps/Deployment is a built-in workload kind"),

@@ -11,6 +11,8 @@ import pytest
 
 from tools.promotion_kit import DIGEST, Kit, ci_record, cli, envelope, make_kit
 from tools.servers import RunningServer, free_port
+from webhook.core.records import open_envelope
+from webhook.store import open_store
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +187,37 @@ def test_cli_unreachable_server_exits_3(tmp_path: Path) -> None:
     result = cli("history", "ghcr.io/acme/api", "--server", f"https://127.0.0.1:{free_port()}")
     assert result.returncode == 3
     assert result.stderr.startswith("error: cannot reach https://127.0.0.1:")
+
+
+def test_a_lone_surrogate_is_refused_at_ingest_and_what_is_stored_always_prints(gate: RunningServer, kit: Kit) -> None:
+    digest = "sha256:" + "d" * 64
+    hostile = ci_record(digest=digest, by="ci\ud800bot", approvers=("alice",))  # JSON escapes it as \ud800
+    reply = post(gate, envelope(kit, hostile, "ci").to_json(), kit.token("ci-bot"))
+    assert (reply.status_code, reply.json()["error"]) == (
+        400, "malformed envelope: statement: predicate.promotedBy holds an unpaired UTF-16 surrogate (an escape such "
+             "as \\ud800 without its pair), which is not Unicode text")
+
+    # A record stored before that check existed: every output still works, the surrogate escaped.
+    store_url = f"sqlite:///{gate.log_path.parent / 'store.db'}"
+    store = open_store(store_url)
+    store.add_record(open_envelope(envelope(kit, hostile, "ci").to_json()), "ci-bot", lambda _: None)
+    store.close()
+    remote = ["--server", gate.url, "--token-file", str(kit.token_file("reader")), "--ca-file", str(gate.ca)]
+    local = ["--store", store_url, "--policy", str(kit.policy_path)]
+    for args in (["trace", digest], ["history", f"ghcr.io/acme/payment-api@{digest}"]):
+        for backend in (remote, local):
+            shown = cli(*args, *backend)
+            assert shown.returncode == 0, shown.stderr
+            assert f"@{digest} -> ci by ci\\ud800bot (record " in shown.stdout
+        as_json = cli(*args, *remote, "--output", "json")
+        assert as_json.returncode == 0 and "ci\\ud800bot" in as_json.stdout
+
+
+@pytest.mark.parametrize("after", ["\u00b2", "9" * 5000, str(2**100), "-1", "1.5"])
+def test_audit_paging_takes_only_a_sequence_number(gate: RunningServer, kit: Kit, after: str) -> None:
+    reply = gate.get("/api/v1/audit", params={"after": after}, headers={"Authorization": f"Bearer {kit.token('reader')}"})
+    assert (reply.status_code, reply.json()) == (
+        400, {"error": "after must be a whole number from 0 to 9223372036854775807", "code": 400})
 
 
 @pytest.mark.parametrize(("params", "message"), [

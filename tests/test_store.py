@@ -17,7 +17,7 @@ from webhook.core import dsse, promotion_rules, records
 from webhook.core.policy import Policy
 from webhook.core.promotion import Promotion, StoredRecord
 from webhook.core.records import RecordKind, SignedRecord
-from webhook.store import DuplicateRecord, SqlStore, open_store
+from webhook.store import DuplicateRecord, SqlStore, open_store, schema
 
 
 @pytest.fixture
@@ -193,10 +193,10 @@ def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> N
 
 def test_migrations_are_idempotent(store_url: str) -> None:
     first = open_store(store_url)
-    assert first.migrate() == first.migrate() == 3
+    assert first.migrate() == first.migrate() == 4
     with first.engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).scalars().all()
-    assert versions == [1, 2, 3]
+    assert versions == [1, 2, 3, 4]
 
 
 def _shipped_records_table() -> sa.Table:
@@ -216,13 +216,15 @@ def test_a_store_made_before_tags_gets_them_and_keeps_its_records(store_url: str
     record = ci_record()
     with old.write_engine.begin() as conn:
         _shipped_records_table().create(conn)
+        for table in (schema.audit_events, schema.audit_images, schema.audit_checkpoints):  # as migration 1 made them
+            table.create(conn)
         conn.execute(sa.text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
         conn.execute(sa.text("INSERT INTO schema_version VALUES (1), (2)"))
         signed = SignedRecord(envelope(kit, record, "ci"), record)
         conn.execute(_shipped_records_table().insert().values(
             id=signed.id, kind="promotion", repository=REPOSITORY, digest=DIGEST, environment="ci",
             recorded_at="2026-11-25T10:00:00Z", submitted_by="ci-bot", envelope=signed.envelope.dumps()))
-    assert old.migrate() == 3
+    assert old.migrate() == 4
     tagged = ci_record(digest="sha256:" + "b" * 64, built_as="abc123")
     add(old, kit, tagged, "ci")
     found = old.records_for_subjects([DIGEST], [(REPOSITORY, "abc123")])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -56,6 +58,32 @@ class RunningServer:
         lines = [line for line in self.log().splitlines() if line.startswith("{") and uid in line]
         return [event for event in map(json.loads, lines) if event.get("uid") == uid]
 
+    def kill(self) -> None:
+        """SIGKILL the server and its workers at once: a crash, with no chance to clean up."""
+        if self.process.poll() is None:
+            if os.getpgid(self.process.pid) == self.process.pid:  # started with own_process_group
+                os.killpg(self.process.pid, signal.SIGKILL)
+            else:
+                for pid in [self.process.pid, *self.worker_pids()]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+        self.process.wait()
+
+    def worker_pids(self) -> list[int]:
+        """The processes that serve requests: the forked workers, or the server itself when it has none."""
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        found = [int(pid) for pid in children.read_text().split()] if children.exists() else []
+        return found or [self.process.pid]
+
+    def peak_memory_kib(self) -> int:
+        """The highest resident memory any worker process has used so far (VmHWM)."""
+        peaks = []
+        for pid in self.worker_pids():
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    peaks.append(int(line.split()[1]))
+        return max(peaks, default=0)
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -68,7 +96,7 @@ class RunningServer:
 
 def start_server(tmp: Path, *, policy: str | None = None, store: str | None = None,
                  extra: list[str] | None = None, env: dict[str, str] | None = None,
-                 cert_dir: Path | None = None) -> RunningServer:
+                 cert_dir: Path | None = None, own_process_group: bool = False) -> RunningServer:
     tmp.mkdir(parents=True, exist_ok=True)
     cert_dir = cert_dir or tmp / "certs"
     certs.ensure_dev_certificates(cert_dir)
@@ -84,7 +112,7 @@ def start_server(tmp: Path, *, policy: str | None = None, store: str | None = No
     log_path = tmp / f"server-{port}.log"
     handle = log_path.open("wb")
     process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {})}, start_new_session=own_process_group)
     server = RunningServer(f"https://127.0.0.1:{port}", cert_dir / "ca.crt", process, log_path, cert_dir)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

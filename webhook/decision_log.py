@@ -2,22 +2,21 @@
 
 Events go to stdout as JSON lines (for the cluster's log pipeline) and, when a store is configured,
 into the store's hash-chained audit table (:class:`ChainedDecisionLog`, persisted by
-:mod:`webhook.store.audit_chain`). What happens when an event cannot be written is the policy's
-``audit.onWriteFailure``.
+:mod:`webhook.store.sql`, verified by :mod:`webhook.store.audit_chain`). What happens when an event
+cannot be written is the policy's ``audit.onWriteFailure``.
 """
 
 from __future__ import annotations
 
-import base64
 import logging
-import queue
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TextIO
 
@@ -30,9 +29,9 @@ from webhook.core.findings import Reason
 from webhook.core.policy import OnWriteFailure, Policy
 from webhook.core.review import AdmissionRequest
 from webhook.metrics import Metrics
-from webhook.store.audit_chain import canonical, chain_hash, checkpoint_message
+from webhook.store.audit_format import Checkpoint, PreparedEvent, Sealer, prepare
 from webhook.store.errors import StoreError, StoreUnavailable
-from webhook.store.sql import AuditEntry, SqlStore
+from webhook.store.sql import SqlStore
 
 log = logging.getLogger("promotion_gate.decision_log")
 
@@ -108,7 +107,10 @@ class StdoutDecisionLog:
         self._lock = threading.Lock()
 
     def write(self, event: dict[str, Any]) -> None:
-        line = orjson.dumps({"msg": "admission decision", **event}, option=orjson.OPT_APPEND_NEWLINE)
+        self.write_line({"msg": "admission decision", **event})
+
+    def write_line(self, document: Mapping[str, Any]) -> None:
+        line = orjson.dumps(document, option=orjson.OPT_APPEND_NEWLINE)
         stream = self._stream or sys.stdout
         binary = getattr(stream, "buffer", None)
         if binary is not None:
@@ -141,82 +143,181 @@ def audit_failure_verdict(verdict: Verdict, on_failure: OnWriteFailure, detail: 
     return replace(verdict, allowed=False, message=message)
 
 
+SMALL_EVENT_CHARS = 64 * 1024  # an ordinary decision is a few KiB; larger ones wait in their own lane
+LARGE_BUDGET_CHARS = 1024 * 1024  # large-event text per transaction (at least one large event)
+MAX_EVENT_CHARS = 8 * 1024 * 1024  # refused beyond this (that event alone): one event never stalls the writer
+MAX_BATCH = 256
+SEAL_CHECK_SECONDS = 1.0  # how often an idle writer checks whether a time-based checkpoint is due
+
+
+class AuditEventTooLarge(ValueError):
+    """An event the writer refuses to append (it alone fails; the policy decides the request)."""
+
+
+@dataclass
+class _Pending:
+    event: PreparedEvent
+    done: Future[int]
+
+
+class _Lanes:
+    """The writer's queue: ordinary events first, large ones up to a size budget per transaction.
+
+    Whatever large events are queued, an ordinary event waits for at most one transaction holding
+    ``LARGE_BUDGET_CHARS`` of them (or a single larger one), never for all of them.
+    """
+
+    def __init__(self, max_batch: int) -> None:
+        self._max_batch = max_batch
+        self._ready = threading.Condition()
+        self._small: deque[_Pending] = deque()
+        self._large: deque[_Pending] = deque()
+
+    def put(self, item: _Pending) -> None:
+        with self._ready:
+            (self._small if item.event.size <= SMALL_EVENT_CHARS else self._large).append(item)
+            self._ready.notify()
+
+    def take(self, timeout: float | None) -> list[_Pending]:
+        """The next group to commit (claimed: requests that gave up are skipped), or [] after ``timeout``."""
+        with self._ready:
+            if not self._small and not self._large:
+                self._ready.wait(timeout)
+            group: list[_Pending] = []
+            while self._small and len(group) < self._max_batch:
+                self._claim(self._small.popleft(), group)
+            used, large = 0, 0
+            while self._large and (large == 0 or used + self._large[0].event.size <= LARGE_BUDGET_CHARS):
+                item = self._large.popleft()
+                if self._claim(item, group):
+                    used, large = used + item.event.size, large + 1
+            return group
+
+    def wake(self) -> None:
+        with self._ready:
+            self._ready.notify_all()
+
+    @staticmethod
+    def _claim(item: _Pending, group: list[_Pending]) -> bool:
+        if not item.done.set_running_or_notify_cancel():
+            return False  # its request timed out and withdrew it: it is never written
+        group.append(item)
+        return True
+
+
 class ChainedDecisionLog:
     """Appends each decision to the chain with group commit, and to stdout.
 
-    Request threads hand their event to one writer thread and wait for its commit: under load the
-    writer commits whatever has queued up in one transaction, so many decisions share one fsync
-    while each request still learns whether its own event was stored (``audit.onWriteFailure``).
+    Request threads serialise their event (:func:`~webhook.store.audit_format.prepare`) and hand it
+    to one writer thread, then wait for its commit: under load the writer commits whatever has queued
+    up in one transaction, so many decisions share one fsync while each request still learns whether
+    its own event was stored (``audit.onWriteFailure``). With the server's key, the writer also signs
+    the checkpoints that fall due (``audit.checkpointEvery`` events, ``audit.checkpointSeconds``
+    seconds) in the same transaction, and publishes each one on stdout.
     """
 
     def __init__(self, store: SqlStore, policy: Policy, metrics: Metrics, *,
                  server_key: keys.SigningKey | None = None, stdout: StdoutDecisionLog | None = None,
-                 max_batch: int = 256) -> None:
+                 max_batch: int = MAX_BATCH) -> None:
         self._store = store
         self._policy = policy
         self._metrics = metrics
-        self._key = server_key
+        self._sealer = Sealer(server_key, policy.audit_checkpoint_every, policy.audit_checkpoint_seconds) \
+            if server_key is not None else None
         self._stdout = stdout or StdoutDecisionLog()
-        self._max_batch = max_batch
-        self._queue: queue.Queue[tuple[AuditEntry, Future[int]]] = queue.Queue()
+        self._lanes = _Lanes(max_batch)
+        self._uncovered = self._sealer is not None  # unknown at start: events of a crashed process may wait
+        self._newest_event = 0  # what this process wrote last: the chain never goes below it
+        self._newest_checkpoint = 0
+        self._closed = threading.Event()
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
 
-    @staticmethod
-    def entry(original: dict[str, object]) -> AuditEntry:
-        event = dict(original)  # the writer thread owns this copy; the caller may go on changing its own
-        images = event.get("images")
-        digests = [str(i["digest"]) for i in images if isinstance(i, dict) and i.get("digest")] \
-            if isinstance(images, list) else []
-        reasons = event.get("reasons")
-
-        def build(seq: int, prev: str) -> tuple[str, str]:
-            event["seq"] = seq
-            text = canonical(event)
-            return text, chain_hash(seq, prev, text)
-
-        return AuditEntry(build, time=str(event["time"]), uid=str(event["uid"]), namespace=str(event["namespace"]),
-                          username=str(event["user"]), allowed=bool(event["allowed"]),
-                          reasons=",".join(str(r) for r in reasons) if isinstance(reasons, list) else "",
-                          digests=digests)
-
     def append(self, event: dict[str, object], timeout: float | None = None) -> int:
+        prepared = prepare(event)
+        if prepared.size > MAX_EVENT_CHARS:
+            raise AuditEventTooLarge(f"audit event of {prepared.size} characters is larger than the audit log's "
+                                     f"limit of {MAX_EVENT_CHARS}")
         done: Future[int] = Future()
-        self._queue.put((self.entry(event), done))
+        self._lanes.put(_Pending(prepared, done))
         try:
             return done.result(timeout=timeout)
         except FutureTimeout as exc:
+            # Withdrawn if the writer has not taken it yet, so a denied request leaves no "allowed" event.
+            done.cancel()
             raise StoreUnavailable("audit write timed out") from exc
 
     def _write_loop(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            try:
-                rows = self._store.append_audit([entry for entry, _ in batch])
-            except Exception as exc:  # every waiter learns of the failure; nothing is dropped silently
-                for _, done in batch:
-                    done.set_exception(exc)
+        while not self._closed.is_set():
+            group = self._lanes.take(SEAL_CHECK_SECONDS if self._uncovered else None)
+            if not group:
+                if not self._closed.is_set():
+                    self._seal_if_due()
                 continue
-            for row, (_, done) in zip(rows, batch, strict=True):
-                done.set_result(row.seq)
-            if self._key is not None:
-                for row in rows:
-                    if row.seq % self._policy.audit_checkpoint_every == 0:
-                        try:
-                            self.checkpoint(row.seq, row.hash)
-                        except StoreError as exc:
-                            self._metrics.audit_errors.inc()
-                            log.error("checkpoint at event %s failed: %s", row.seq, exc)
+            try:
+                outcome = self._store.append_audit([item.event for item in group], self._sealer)
+            except Exception as exc:  # every waiter learns of the failure; nothing is dropped silently
+                for item in group:
+                    item.done.set_exception(exc)
+                continue
+            newest = 0
+            for result, item in zip(outcome.results, group, strict=True):
+                if isinstance(result, Exception):
+                    item.done.set_exception(result)
+                else:
+                    item.done.set_result(result.seq)
+                    newest = max(newest, result.seq)
+            self._check_progress([r.seq for r in outcome.results if not isinstance(r, Exception)],
+                                 outcome.checkpoints)
+            self._published(outcome.checkpoints)
+            if self._sealer is not None and newest:
+                self._uncovered = not outcome.checkpoints or outcome.checkpoints[-1].event_seq < newest
 
-    def checkpoint(self, seq: int, event_hash: str) -> None:
-        assert self._key is not None
-        signature = base64.b64encode(self._key.sign(checkpoint_message(seq, event_hash))).decode()
-        self._store.add_checkpoint(seq, event_hash, now_rfc3339(), self._key.key_id, signature)
+    def _check_progress(self, stored: list[int], checkpoints: list[Checkpoint]) -> None:
+        """The chain only grows: finding it below what this process wrote means rows were deleted."""
+        regressed = []
+        if stored and min(stored) <= self._newest_event:
+            regressed.append(f"event {min(stored)} was written after this server had written event "
+                             f"{self._newest_event}")
+        if checkpoints and checkpoints[0].seq <= self._newest_checkpoint:
+            regressed.append(f"checkpoint {checkpoints[0].seq} was signed after this server had signed checkpoint "
+                             f"{self._newest_checkpoint}")
+        if regressed:
+            self._metrics.audit_regressions.inc()
+            log.error("audit log TAMPERED: the chain went backwards (%s): events or checkpoints were removed from "
+                      "the database; run 'promotion-gate audit verify --anchor'", "; ".join(regressed))
+        self._newest_event = max([self._newest_event, *stored])
+        self._newest_checkpoint = max([self._newest_checkpoint, *(c.seq for c in checkpoints)])
+
+    def _seal_if_due(self, *, force: bool = False) -> None:
+        if self._sealer is None:
+            return
+        try:
+            checkpoint, self._uncovered = self._store.seal(self._sealer, force=force)
+        except StoreError as exc:
+            self._metrics.audit_errors.inc()
+            log.error("audit checkpoint failed: %s", exc)
+            return
+        self._check_progress([], [checkpoint] if checkpoint else [])
+        self._published([checkpoint] if checkpoint else [])
+
+    def _published(self, checkpoints: list[Checkpoint]) -> None:
+        for checkpoint in checkpoints:
+            try:
+                self._stdout.write_line(checkpoint.to_json())
+            except Exception as exc:  # the checkpoint is stored; only its copy on stdout is missing
+                log.error("checkpoint %s could not be written to stdout: %s", checkpoint.seq, exc)
+
+    def close(self) -> None:
+        """At shutdown: sign a checkpoint over events that none covers yet, so the log stays sealed.
+
+        The writer finishes the group it holds and stops; decisions after this are not stored.
+        """
+        self._closed.set()
+        self._lanes.wake()
+        self._writer.join(timeout=10)
+        if self._uncovered:
+            self._seal_if_due(force=True)
 
     def record(self, request: AdmissionRequest, verdict: Verdict) -> Verdict:
         event = audit_event(request, verdict, self._policy.digest)

@@ -16,11 +16,12 @@ from webhook.core import dsse, promotion_rules, references
 from webhook.core.errors import InvalidInput
 from webhook.core.policy import Policy
 from webhook.core.promotion import Lookup, Promotion, PromotionStatus, StoredRecord, Subject, TagPromotion, TagSubject
-from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id
+from webhook.core.records import RecordKind, SignedRecord, open_envelope, record_id, unpaired_surrogate
 from webhook.store.errors import DuplicateRecord
-from webhook.store.sql import SqlStore
+from webhook.store.sql import MAX_EVENT_READ_CHARS, AuditPage, AuditQuery, SqlStore
 
 MAX_ADMISSIONS = 1000
+MAX_ADMISSION_CHARS = 4 * 1024 * 1024  # event text in one trace; the rest is one 'audit --image' away
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class Trace:
     digest: str
     records: tuple[StoredRecord, ...]
     states: Mapping[str, Mapping[str, PromotionStatus]]  # repository -> environment -> state
-    admissions: tuple[dict[str, Any], ...] = field(default=())
+    admissions: AuditPage = field(default_factory=lambda: AuditPage([], None))
     signers: Mapping[str, tuple[Signer, ...]] = field(default_factory=dict)  # record id -> its signers
 
     @property
@@ -123,6 +124,10 @@ class Ledger:
             signed = open_envelope(envelope)
         except InvalidInput as exc:
             return Malformed(str(exc))
+        where = unpaired_surrogate(signed.envelope.payload)
+        if where is not None:
+            return Malformed(f"malformed envelope: statement: {where} holds an unpaired UTF-16 surrogate (an escape "
+                             "such as \\ud800 without its pair), which is not Unicode text")
         record = signed.record
         if not may_write(record.environment):
             return Forbidden(f'identity "{identity}" may not write records for environment "{record.environment}"')
@@ -176,15 +181,17 @@ class Ledger:
                 statements, environment, functools.partial(states, repository))
         return Lookup(statuses, answers)
 
-    def trace(self, digest: str) -> Trace:
+    def trace(self, digest: str, *, max_event_chars: int | None = MAX_EVENT_READ_CHARS) -> Trace:
+        """Records, states and the admissions that named the digest (at most MAX_ADMISSIONS of them and
+        MAX_ADMISSION_CHARS of event text: ``admissions.next`` says where the rest continues)."""
         # Only what the rules count: a row whose id is not its content address, or a second copy of a
         # payload, is not part of anyone's chain of custody.
         stored = promotion_rules.authentic(self.store.records_for_digest(digest))
         states = {repository: promotion_rules.evaluate(self.policy, stored, repository, digest)
                   for repository in sorted({s.record.repository for s in stored})}
-        return Trace(digest, tuple(stored), states,
-                     tuple(self.store.query_audit(digest=digest, limit=MAX_ADMISSIONS)),
-                     {s.id: self.signers(s) for s in stored})
+        admissions = self.store.audit_page(AuditQuery(digest=digest), limit=MAX_ADMISSIONS,
+                                           max_chars=MAX_ADMISSION_CHARS, max_event_chars=max_event_chars)
+        return Trace(digest, tuple(stored), states, admissions, {s.id: self.signers(s) for s in stored})
 
     def find(self, *, repository: str | None = None, digest: str | None = None, environment: str | None = None,
              limit: int = 100, after: int = 0) -> list[StoredRecord]:

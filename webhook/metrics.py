@@ -50,6 +50,12 @@ class Metrics:
             "promotion_gate_audit_write_errors", "Audit events that could not be written to the store",
             registry=r,
         )
+        self.audit_regressions = Counter(
+            "promotion_gate_audit_chain_regressions",
+            "Times this server found the audit chain shorter than what it had itself written: events or checkpoints "
+            "were removed from the database",
+            registry=r,
+        )
         self.audit_latency = Histogram(
             "promotion_gate_audit_write_duration_seconds", "Time to append one audit event",
             buckets=LATENCY_BUCKETS, registry=r,

@@ -159,6 +159,11 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
     break_glass = document.get("breakGlass") or {}
     store = document.get("store") or {}
     audit = document.get("audit") or {}
+    checkpoint_keys = []
+    for key_name in audit.get("checkpointKeys", []):
+        if key_name not in key_table:
+            raise PolicyError(f"{source}: audit.checkpointKeys: no key named {key_name!r} under keys")
+        checkpoint_keys.append(key_table[key_name])
     api = document.get("api") or {}
     tokens = list(api.get("tokens") or [])
     if api.get("tokensFile"):
@@ -189,6 +194,8 @@ def parse(document: Any, *, base_dir: Path, source: str = "policy") -> Policy:
         cache_seconds=float(store.get("cacheSeconds", 30.0)),
         audit_on_write_failure=OnWriteFailure(audit.get("onWriteFailure", "deny")),
         audit_checkpoint_every=audit.get("checkpointEvery", 100),
+        audit_checkpoint_seconds=audit.get("checkpointSeconds", 60),
+        audit_checkpoint_keys=tuple(checkpoint_keys),
         audit_to_store=audit.get("store", True),
         api_open_reads=api.get("openReads", False),
         api_tokens=api_tokens,

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+import orjson
 
 from webhook import ledger
 from webhook.core import records
 from webhook.core.promotion import PromotionStatus, StoredRecord, TagPromotion
 from webhook.ledger import Trace
+from webhook.store.sql import MAX_EVENT_READ_CHARS, MAX_LOCAL_EVENT_CHARS, AuditHit, AuditPage
 
 
 def signer_json(signer: ledger.Signer) -> dict[str, Any]:
@@ -50,7 +54,31 @@ def tag_promotion_of(data: Mapping[str, Any]) -> TagPromotion:
                         built=tuple(b for b in built if isinstance(b, str)) if isinstance(built, list) else ())
 
 
-def trace_json(trace: Trace) -> dict[str, Any]:
+def omitted_event(hit: AuditHit, limit: int, hint: str) -> dict[str, Any]:
+    """An event too large to be read in full here: its indexed columns (not re-checked), and why."""
+    c = hit.columns
+    return {"seq": hit.seq, "time": c.time, "uid": c.uid, "namespace": c.namespace, "user": c.username,
+            "allowed": c.allowed, "reasons": c.reasons.split(",") if c.reasons else [],
+            "omitted": f"event of {hit.size} characters is larger than the read limit of {limit}; {hint}"}
+
+
+def event_json(hit: AuditHit) -> dict[str, Any]:
+    """An event read from a local store (``--store``): parsed, unless it is larger than any server writes."""
+    if hit.text is None:
+        return omitted_event(hit, MAX_LOCAL_EVENT_CHARS, "no server writes such events: run 'promotion-gate audit "
+                                                         "verify'")
+    parsed: dict[str, Any] = orjson.loads(hit.text)
+    return parsed
+
+
+def event_bytes(hit: AuditHit) -> bytes:
+    """An event as the API sends it: the stored text as it was hashed (never re-serialised), or the omitted form."""
+    if hit.text is not None:
+        return hit.text.encode()
+    return orjson.dumps(omitted_event(hit, MAX_EVENT_READ_CHARS, "read it with 'promotion-gate audit --store …'"))
+
+
+def _trace_head(trace: Trace) -> dict[str, Any]:
     return {
         "digest": trace.digest,
         "records": [stored_json(s, with_envelope=False, signers=trace.signers.get(s.id)) for s in trace.promotions],
@@ -60,8 +88,36 @@ def trace_json(trace: Trace) -> dict[str, Any]:
                                       "revokedFrom": s.revoked_from}
                                 for env, s in states.items()}
                    for repository, states in trace.states.items()},
-        "admissions": list(trace.admissions),
     }
+
+
+def trace_json(trace: Trace) -> dict[str, Any]:
+    data = _trace_head(trace)
+    data["admissions"] = [event_json(hit) for hit in trace.admissions.events]
+    if trace.admissions.next is not None:
+        data["admissionsNext"] = trace.admissions.next
+    return data
+
+
+def _events_chunks(key: str, page: AuditPage, next_key: str) -> Iterator[bytes]:
+    yield f'"{key}":['.encode()
+    for index, hit in enumerate(page.events):
+        yield b"," + event_bytes(hit) if index else event_bytes(hit)
+    yield b"]"
+    if page.next is not None:
+        yield f',"{next_key}":{page.next}'.encode()
+
+
+def trace_chunks(trace: Trace) -> list[bytes]:
+    """``GET /trace`` as chunks of one JSON document: the stored event texts are sent as they are."""
+    # json, not orjson: a record stored with a lone surrogate in its text is escaped, never a failure
+    head = json.dumps(_trace_head(trace), separators=(",", ":")).encode()
+    return [head[:-1] + b",", *_events_chunks("admissions", trace.admissions, "admissionsNext"), b"}"]
+
+
+def audit_chunks(page: AuditPage) -> list[bytes]:
+    """``GET /audit`` as chunks of one JSON document."""
+    return [b"{", *_events_chunks("events", page, "next"), b"}"]
 
 
 def outcome_json(outcome: ledger.SubmitOutcome) -> tuple[int, dict[str, Any]]:

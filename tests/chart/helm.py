@@ -19,6 +19,15 @@ NAMESPACE = "promotion-gate"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
+def server_key_values(secret: str = "server-key") -> dict[str, Any]:
+    """serverKey enabled as the chart requires it: its public key named under policy.audit.checkpointKeys."""
+    from webhook.core import keys
+
+    public = keys.generate("ed25519").verifying.public_pem().decode()
+    return {"serverKey.enabled": True, "serverKey.existingSecret": secret,
+            "policy.keys": {"server": {"publicKey": public}}, "policy.audit": {"checkpointKeys": ["server"]}}
+
+
 @functools.cache
 def helm_binary() -> str:
     """helm from PATH or the toolchain cache; the chart tests fail (never skip) without it."""

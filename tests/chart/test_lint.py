@@ -9,7 +9,7 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.chart.helm import DIGEST, run_helm, set_args
+from tests.chart.helm import DIGEST, run_helm, server_key_values, set_args
 from tools.render_manifests import CHART
 
 CA_BUNDLE = "LS0tLS1CRUdJTiBDRVJUSUZJQ0FURS0tLS0tCg=="
@@ -42,8 +42,7 @@ COMBINATIONS: dict[str, dict[str, Any]] = {
         "image.digest": DIGEST,
         "apiTokens.enabled": True,
         "apiTokens.tokens": [{"identity": "ci", "sha256": "a" * 64, "environments": ["ci"]}],
-        "serverKey.enabled": True,
-        "serverKey.existingSecret": "server-key",
+        **server_key_values(),
         "metrics.serviceMonitor.enabled": True,
         "priorityClassName": "system-cluster-critical",
     },

@@ -10,7 +10,16 @@ import click
 import pytest
 import yaml
 
-from tests.chart.helm import DIGEST, NAMESPACE, Rendered, render, render_error, render_notes, run_helm
+from tests.chart.helm import (
+    DIGEST,
+    NAMESPACE,
+    Rendered,
+    render,
+    render_error,
+    render_notes,
+    run_helm,
+    server_key_values,
+)
 from tests.chart.k8s_models import structural_errors
 from tools.render_manifests import CHART
 from webhook import cli as cli_mod
@@ -26,6 +35,9 @@ PROVIDED = {
     "certificates.provided.caBundle": CA_BUNDLE,
 }
 URL = {"webhook.url": "https://127.0.0.1:9443/validate", "webhook.caBundle": CA_BUNDLE}
+# The server key signs audit checkpoints; the policy names its public key, and the operator anchors the log.
+SERVER_KEY = server_key_values()
+SERVER_PUBLIC_KEY = SERVER_KEY["policy.keys"]["server"]["publicKey"]
 CLIENT_CA = {"server.validateClientCA.enabled": True, "server.validateClientCA.configMap": "apiserver-client-ca",
              "server.validateClientCA.allowedNames": ["kube-apiserver"]}
 NETWORK_POLICY = {"networkPolicy.enabled": True, "networkPolicy.apiServer.cidrs": ["10.0.0.10/32"]}
@@ -42,8 +54,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
         "image.digest": DIGEST,
         "apiTokens.enabled": True,
         "apiTokens.tokens": [{"identity": "ci", "sha256": "a" * 64}],
-        "serverKey.enabled": True,
-        "serverKey.existingSecret": "server-key",
+        **SERVER_KEY,
         "metrics.serviceMonitor.enabled": True,
         "webhook.namespaceSelector.mode": "optIn",
         "priorityClassName": "high",
@@ -182,7 +193,7 @@ def test_serve_arguments_and_environment_exist_in_the_cli(default: Rendered) -> 
     # The chart and `promotion-gate serve` must agree on every option and environment variable.
     serve = cli_mod.main.commands["serve"]
     options = {opt for param in serve.params if isinstance(param, click.Option) for opt in param.opts}
-    rendered = render({"serverKey.enabled": True, "serverKey.existingSecret": "k", **SQLITE, **CLIENT_CA})
+    rendered = render({**SERVER_KEY, **SQLITE, **CLIENT_CA})
     for args in (default.container()["args"], rendered.container()["args"]):
         assert {a for a in args if a.startswith("--")} <= options
     envvars = {param.envvar for param in serve.params if isinstance(param, click.Option)}
@@ -193,10 +204,11 @@ def test_operator_arguments_and_environment_exist_in_the_cli(default: Rendered) 
     # The chart and `promotion-gate operator` must agree on every option and environment variable.
     operator = cli_mod.main.commands["operator"]
     options = {opt for param in operator.params if isinstance(param, click.Option) for opt in param.opts}
-    container = default.deployment("operator")["spec"]["template"]["spec"]["containers"][0]
-    args = [*container.get("command", []), *container.get("args", [])]
-    assert "operator" in args
-    assert {a for a in args if a.startswith("--")} <= options
+    for rendered in (default, render(SERVER_KEY)):
+        container = rendered.deployment("operator")["spec"]["template"]["spec"]["containers"][0]
+        args = [*container.get("command", []), *container.get("args", [])]
+        assert "operator" in args
+        assert {a for a in args if a.startswith("--")} <= options
     envvars = {param.envvar for param in operator.params if isinstance(param, click.Option)}
     assert {e["name"] for e in container.get("env", []) if e["name"].startswith("PROMOTION_GATE_")} <= envvars
 
@@ -307,6 +319,17 @@ REFUSALS: dict[str, tuple[dict[str, Any], str]] = {
         "serverKey.enabled=true needs serverKey.existingSecret",
     ),
     "API tokens without tokens": ({"apiTokens.enabled": True}, "apiTokens.enabled=true needs"),
+    "audit anchor without checkpoint keys": (
+        {"serverKey.enabled": True, "serverKey.existingSecret": "k"},
+        "the operator keeps an anchor of the audit log (operator.enabled, serverKey.enabled, auditAnchor.enabled): "
+        "name the server key's public key under policy.audit.checkpointKeys (and list it under policy.keys), or set "
+        "auditAnchor.enabled=false.",
+    ),
+    "checkpoint keys without the server key": (
+        {"policy.keys": SERVER_KEY["policy.keys"], "policy.audit": SERVER_KEY["policy.audit"]},
+        "policy.audit.checkpointKeys promises signed audit checkpoints: set serverKey.enabled=true with "
+        "serverKey.existingSecret (the private key of one of them).",
+    ),
     "client CA without its ConfigMap": (
         {"server.validateClientCA.enabled": True},
         "server.validateClientCA.configMap is required when server.validateClientCA.enabled",
@@ -401,13 +424,7 @@ def test_api_tokens_file_is_mounted_and_referenced_from_the_policy(tmp_path: Pat
 
 
 def test_server_key_comes_from_a_secret() -> None:
-    rendered = render(
-        {
-            "serverKey.enabled": True,
-            "serverKey.existingSecret": "audit-key",
-            "serverKey.secretKey": "ed25519.pem",
-        }
-    )
+    rendered = render({**SERVER_KEY, "serverKey.existingSecret": "audit-key", "serverKey.secretKey": "ed25519.pem"})
     container = rendered.container()
     assert _env(container)["PROMOTION_GATE_SERVER_KEY"] == "/etc/promotion-gate/server-key/key.pem"
     volume = next(v for v in rendered.deployment()["spec"]["template"]["spec"]["volumes"] if v["name"] == "server-key")
@@ -724,6 +741,31 @@ def test_operator_is_a_single_separate_instance(default: Rendered) -> None:
     key = next(v for v in pod["volumes"] if v["name"] == "signing-key")
     assert key["secret"]["secretName"] == "promotion-gate-operator-key"
     assert key["secret"]["items"] == [{"key": "key.pem", "path": "key.pem"}]
+
+
+OPERATOR_ANCHOR = {
+    ("Role", "", "configmaps", "get", "promotion-gate-audit-anchor"),
+    ("Role", "", "configmaps", "update", "promotion-gate-audit-anchor"),
+    ("Role", "", "configmaps", "create", "*"),
+}
+
+
+def test_the_operator_keeps_the_audit_anchor_with_the_server_key(tmp_path: Path) -> None:
+    rendered = render(SERVER_KEY)
+    args = rendered.container("operator")["args"]
+    at = args.index("--audit-anchor")
+    assert args[at:at + 4] == ["--audit-anchor", "promotion-gate-audit-anchor", "--audit-anchor-interval", "30"]
+    assert _operator_rules(rendered) == OPERATOR_BASE | OPERATOR_SCAN | OPERATOR_CERTIFICATES | OPERATOR_ANCHOR
+    role = rendered.one("Role", "promotion-gate-operator-audit-anchor")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(rendered.one("ConfigMap", "promotion-gate-policy")["data"]["policy.yaml"])
+    loaded = policy_mod.load(policy_path)
+    assert [k.public_pem().decode() for k in loaded.audit_checkpoint_keys] == [SERVER_PUBLIC_KEY]
+    switched_off = render({**SERVER_KEY, "auditAnchor.enabled": False})
+    assert _operator_rules(switched_off) == OPERATOR_BASE | OPERATOR_SCAN | OPERATOR_CERTIFICATES
+    assert "--audit-anchor" not in switched_off.container("operator")["args"]
+    assert _operator_rules(render({**SERVER_KEY, "operator.enabled": False, **CERT_MANAGER})) == set()
 
 
 def test_operator_can_be_disabled() -> None:

@@ -27,6 +27,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
+from tests.chart.helm import server_key_values
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
 from tests.e2e.cluster import Cluster
@@ -170,8 +171,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "fail-open": {"webhook.failurePolicy": "Ignore"},
     "everything-on": {"image.digest": DIGEST, "apiTokens.enabled": True,
                       "apiTokens.tokens": [{"identity": "ci", "sha256": "a" * 64, "environments": ["ci"]}],
-                      "serverKey.enabled": True, "serverKey.existingSecret": "promotion-gate-server-key",
-                      "metrics.serviceMonitor.enabled": True},
+                      **server_key_values("promotion-gate-server-key"), "metrics.serviceMonitor.enabled": True},
 }
 # What each variant renders that this cluster cannot dry-run (no cert-manager, no Prometheus operator).
 UNSERVED = {

@@ -7,25 +7,31 @@ certificate Secret and ``caBundle`` are created and kept in sync in a namespace 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from cryptography import x509
 from kubernetes.client.exceptions import ApiException
 
+from tests.audit_tamper import attacker_on
 from tests.e2e import gate as gate_mod
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import register_logs, unregister_logs
-from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, make_kit
+from tools.promotion_kit import DIGEST, IMAGE, REPOSITORY, Kit, cli, make_kit
 from tools.servers import REPO
 from webhook.store import SqlStore, open_store
+from webhook.store.audit_format import Sealer, prepare
 
 pytestmark = pytest.mark.e2e
 
@@ -260,3 +266,79 @@ def test_the_webhook_certificate_is_created_and_its_ca_bundle_kept(operator: Ope
     names = serving.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert names.get_values_for_type(x509.DNSName) == [f"{SERVICE}.{namespace}.svc",
                                                        f"{SERVICE}.{namespace}.svc.cluster.local"]
+
+
+ANCHOR = "promotion-gate-audit-anchor"
+
+
+def test_the_audit_anchor_follows_the_log_and_keeps_what_exposes_a_truncation(
+        cluster: Cluster, promotion_crd: None, kit: Kit, namespace: str, core: Any, store_path: Path, tmp_path: Path,
+        pytestconfig: pytest.Config) -> None:
+    document = yaml.safe_load(kit.policy_path.read_text())
+    document["audit"] = {**document.get("audit", {}), "checkpointKeys": ["release"]}
+    policy_path = tmp_path / "policy.yaml"
+    policy_path.write_text(yaml.safe_dump(document))
+    url = f"sqlite:///{store_path}"
+    store = open_store(url, migrate=True)
+    sealer = Sealer(kit.signing_key("release"), 5, 3600)
+
+    def decide(count: int) -> None:
+        for _ in range(count):
+            event = {"time": "2026-11-25T10:00:00.000000Z", "uid": str(uuid.uuid4()), "user": "dev@example.com",
+                     "namespace": "payments-ci", "allowed": False, "reasons": ["mutable-tag"], "images": []}
+            store.append_audit([prepare(event)], sealer)
+
+    decide(7)  # checkpoints at events 1 and 6
+    running = Operator(cluster, ["--standalone", "--store", url, "--policy", str(policy_path), "--namespace-scope",
+                                 namespace, "--namespace", namespace, "--audit-anchor", ANCHOR,
+                                 "--audit-anchor-interval", "1"], tmp_path / "operator-anchor.log")
+    register_logs(pytestconfig, {"operator-anchor": running.log_path})
+    running.start()
+
+    def anchored(seq: int) -> dict[str, str] | None:
+        running.check_alive()
+        try:
+            data = dict(core.read_namespaced_config_map(ANCHOR, namespace).data or {})
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return data if json.loads(data["checkpoint.json"])["checkpoint"] == seq else None
+
+    try:
+        first = gate_mod.eventually(lambda: anchored(2), timeout=60, interval=0.25, what="the anchor at checkpoint 2")
+        head = store.checkpoint_head()
+        assert head is not None and json.loads(first["checkpoint.json"]) == head.to_json()
+        assert first["status"] == f"anchored checkpoint 2 (event 6, {head.created_at})"
+        decide(5)  # checkpoint 3 at event 11: the anchor follows
+        newest = gate_mod.eventually(lambda: anchored(3), timeout=30, interval=0.25, what="the anchor at checkpoint 3")
+
+        # Someone with the database deletes the newest events together with their checkpoints.
+        attacker_on(url).sql("DELETE FROM audit_checkpoint_chain WHERE seq >= 2",
+                             "DELETE FROM audit_events WHERE seq > 3")
+        checkpoint = json.loads(newest["checkpoint.json"])
+        problem = (f"signed checkpoint 3 (event 11, {checkpoint['time']}) of the anchor is not in the log: the log "
+                   "was truncated or emptied after the anchor was taken")
+
+        def alarmed() -> dict[str, str] | None:
+            data = anchored(3)
+            return data if data is not None and data["status"] == f"TAMPERED: {problem}" else None
+
+        kept = gate_mod.eventually(alarmed, timeout=30, interval=0.25, what="the anchor to raise the alarm")
+        assert kept["checkpoint.json"] == newest["checkpoint.json"]  # the anchor that exposes it stays
+        assert f"audit log TAMPERED: {problem}; the anchor in ConfigMap {namespace}/{ANCHOR} was kept" in running.log()
+        events = core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={ANCHOR}").items
+        assert [(e.type, e.reason, e.message) for e in events] == [
+            ("Warning", "AuditLogTampered", f"audit log TAMPERED: {problem}")]
+        decide(3)  # the server goes on writing: still the old anchor, still the alarm
+        time.sleep(2.5)
+        assert alarmed() == kept
+
+        configmap = cluster.kubectl("get", "configmap", ANCHOR, "-n", namespace, "-o", "json").stdout
+        verified = cli("audit", "verify", "--store", url, "--key", str(kit.key("release")) + ".pub", "--anchor", "-",
+                       stdin=configmap)
+        assert (verified.returncode, verified.stdout) == (1, f"audit log TAMPERED: {problem}\n")
+    finally:
+        running.stop()
+        unregister_logs(pytestconfig, ["operator-anchor"])
+        store.close()

@@ -6,7 +6,8 @@ typed outcomes and the API's JSON shapes, so every command renders one kind of a
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,8 +30,10 @@ from webhook.core.promotion import (
 )
 from webhook.core.records import RecordKind
 from webhook.store import SqlStore, StoreError, open_store
+from webhook.store.sql import MAX_LOCAL_EVENT_CHARS, AuditQuery
 
 MAX_TOKEN_BYTES = 4096
+MAX_PAGE_EVENTS = 1000  # what the server answers at most per request
 TAGS_PER_REQUEST = 100  # the API's limit for GET /api/v1/promoted
 
 
@@ -51,7 +54,7 @@ class Backend(Protocol):
     def environments(self) -> list[str]: ...
     def records(self, **filters: Any) -> list[dict[str, Any]]: ...
     def trace(self, digest: str) -> dict[str, Any]: ...
-    def audit(self, **filters: Any) -> list[dict[str, Any]]: ...
+    def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]: ...
     def record_view(self) -> RecordView: ...
     def tag_promotions(self, tags: Sequence[TagSubject], environment: str) -> dict[TagSubject, TagPromotion]: ...
     def running(self, digest: str) -> dict[str, Any] | None:
@@ -156,8 +159,20 @@ class HttpBackend:
             raise BackendError(f"{self.server}: {response.status_code} {data.get('error', '')}")
         return data
 
-    def audit(self, **filters: Any) -> list[dict[str, Any]]:
-        return list(self._get("/api/v1/audit", filters)["events"])
+    def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Events page by page (the server answers at most 1000 and 8 MiB at a time), up to ``limit``."""
+        after = 0
+        while limit > 0:
+            page = self._get("/api/v1/audit", {**filters, "limit": min(limit, MAX_PAGE_EVENTS), "after": after})
+            events = page.get("events")
+            if not isinstance(events, list):
+                raise BackendError(f"{self.server} answered with unexpected JSON")
+            yield from events[:limit]
+            limit -= len(events)
+            following = page.get("next")
+            if not events or not isinstance(following, int) or following <= after:
+                return
+            after = following
 
     def record_view(self) -> RecordView:
         return ServerRecordView(self)
@@ -197,10 +212,13 @@ class LocalBackend:
         return [record_json.stored_json(s, signers=self.ledger.signers(s)) for s in self.ledger.find(**filters)]
 
     def trace(self, digest: str) -> dict[str, Any]:
-        return record_json.trace_json(self.ledger.trace(digest))
+        return record_json.trace_json(self.ledger.trace(digest, max_event_chars=MAX_LOCAL_EVENT_CHARS))
 
-    def audit(self, **filters: Any) -> list[dict[str, Any]]:
-        return self.ledger.store.query_audit(**filters)
+    def audit(self, *, limit: int, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Streamed from the store: one event in memory at a time, whatever the size of the log."""
+        hits = self.ledger.store.query_audit(AuditQuery(**filters), max_event_chars=MAX_LOCAL_EVENT_CHARS)
+        for hit in itertools.islice(hits, limit):
+            yield record_json.event_json(hit)
 
     def record_view(self) -> RecordView:
         return LedgerRecordView(self.ledger)

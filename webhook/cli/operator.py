@@ -19,6 +19,7 @@ from webhook import key_files, policy_file
 from webhook.cli.options import policy_option, store_option
 from webhook.core import keys
 from webhook.core.policy import Policy
+from webhook.operator import audit_anchor
 from webhook.operator import certificates as tls_rotation
 from webhook.store import SqlStore, StoreError, StoreUnavailable
 from webhook.store import open_store as open_sql_store
@@ -131,6 +132,18 @@ def certificate_settings(manage: bool, namespace: str, secret: str, service: str
                                             webhook_config=webhook_config)
 
 
+def anchor_settings(name: str | None, namespace: str, policy: Policy,
+                    interval: float) -> audit_anchor.AnchorSettings | None:
+    if name is None:
+        return None
+    if not DNS_NAME.match(name):
+        raise click.BadParameter(f'"{name}" is not a Kubernetes object name', param_hint="--audit-anchor")
+    if not policy.audit_checkpoint_keys:
+        raise click.BadParameter("the policy names no audit.checkpointKeys: the public keys whose signed checkpoints "
+                                 "the anchor keeps", param_hint="--audit-anchor")
+    return audit_anchor.AnchorSettings(namespace, name, policy.audit_checkpoint_keys, interval)
+
+
 @click.command("operator")
 @store_option(required=True)
 @policy_option(required=True, help="Policy file: environments, trusted keys, rules [env: PROMOTION_GATE_POLICY].")
@@ -157,6 +170,11 @@ def certificate_settings(manage: bool, namespace: str, secret: str, service: str
               help="kopf peering between replicas (needs kopf's peering CRDs); run ONE replica standalone.")
 @click.option("--liveness", "liveness_endpoint", metavar="URL",
               help="Serve a liveness probe, e.g. http://0.0.0.0:8080/healthz.")
+@click.option("--audit-anchor", "audit_anchor_name", metavar="NAME",
+              help="Keep the newest signed audit checkpoint in this ConfigMap (in --namespace), checked against the "
+                   "store; needs audit.checkpointKeys in the policy.")
+@click.option("--audit-anchor-interval", type=click.FloatRange(min=1.0), default=30.0, show_default=True,
+              help="Seconds between checks of the audit log against its anchor.")
 @click.option("--kubeconfig", help="kubeconfig file [default: $KUBECONFIG, in a pod its service account, "
                                    "else ~/.kube/config].")
 @click.option("--scan/--no-scan", "scan", default=False, show_default=True,
@@ -179,7 +197,8 @@ def certificate_settings(manage: bool, namespace: str, secret: str, service: str
 def operator_command(store: str, policy_path: Path, key_path: Path | None, namespace_scope: str,
                      manage_certificates: bool, webhook_config: str, tls_secret: str, service: str,
                      namespace: str | None, certificate_check_interval: float, peering: bool,
-                     liveness_endpoint: str | None, kubeconfig: str | None, scan: bool, scan_interval: float,
+                     liveness_endpoint: str | None, audit_anchor_name: str | None, audit_anchor_interval: float,
+                     kubeconfig: str | None, scan: bool, scan_interval: float,
                      scan_settle: float, record_poll: float, policy_reports: bool, revocation_events: bool,
                      request_timeout: float, metrics_address: str, verbose: bool) -> None:
     """Record Promotion objects as signed promotion records; keep the webhook's certificate valid.
@@ -195,6 +214,7 @@ def operator_command(store: str, policy_path: Path, key_path: Path | None, names
     signer = load_key(key_path, policy)
     certificates = certificate_settings(manage_certificates, own_namespace(namespace), tls_secret, service,
                                         webhook_config)
+    anchor = anchor_settings(audit_anchor_name, own_namespace(namespace), policy, audit_anchor_interval)
     access = kube_access(kubeconfig, os.environ)
     try:
         access.client_configuration()
@@ -212,7 +232,7 @@ def operator_command(store: str, policy_path: Path, key_path: Path | None, names
     config = operator_mod.OperatorConfig(
         ledger=Ledger(sql_store, policy), signer=signer, kube=access, namespaces=namespaces, certificates=certificates,
         certificate_interval=certificate_check_interval, peering=peering, liveness_endpoint=liveness_endpoint,
-        scan=scanning)
+        scan=scanning, anchor=anchor)
     try:
         operator_mod.run(config)
     finally:

@@ -14,6 +14,7 @@ import click
 
 from webhook import policy_file
 from webhook.core.policy import Policy
+from webhook.store.errors import AuditTampered, StoreError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -99,6 +100,12 @@ def backend_options(func: F) -> F:
     def mapped(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except AuditTampered as exc:  # a local store's answer contradicts its own hashes
+            click.echo(f"error: audit log TAMPERED: {exc}; run 'promotion-gate audit verify'", err=True)
+            sys.exit(ExitCode.REFUSED)
+        except StoreError as exc:  # a local store failed while a command read from it
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(ExitCode.UNAVAILABLE)
         except BackendRefused as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(ExitCode.REFUSED)

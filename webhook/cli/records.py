@@ -419,11 +419,16 @@ def trace_cmd(digest: str, cluster: bool, kubeconfig: str | None, request_timeou
         click.echo("  " + _record_line(item))
         for detail in custody(item, names):
             click.echo(f"      {detail}")
-    click.echo(f"admissions: {len(data['admissions'])}")
-    for event in data["admissions"]:
+    admissions = data["admissions"]
+    more = (f" (the first {len(admissions)}; all of them: promotion-gate audit --image {digest})"
+            if data.get("admissionsNext") is not None else "")
+    click.echo(f"admissions: {len(admissions)}{more}")
+    for event in admissions:
         verdict = "allowed" if event["allowed"] else "denied"
-        click.echo(f"  {event['time']} {verdict} {event['kind']} {event['namespace']}/{event['name']} "
-                   f"by {event['user']} [{', '.join(event['reasons']) or 'ok'}]")
+        omitted = f" ({event['omitted']})" if "omitted" in event else ""
+        where = f"{event.get('kind', '?')} {event['namespace']}/{event.get('name', '?')}"
+        click.echo(f"  {event['time']} {verdict} {where} by {event['user']} "
+                   f"[{', '.join(event['reasons']) or 'ok'}]{omitted}")
     running = data.get("running")
     if running is not None:
         if "unknown" in running:

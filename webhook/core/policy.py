@@ -101,6 +101,8 @@ class Policy:
     cache_seconds: float = 30.0
     audit_on_write_failure: OnWriteFailure = OnWriteFailure.DENY
     audit_checkpoint_every: int = 100
+    audit_checkpoint_seconds: int = 60
+    audit_checkpoint_keys: tuple[keys.VerifyingKey, ...] = ()  # the public halves of the server keys
     audit_to_store: bool = True
     api_open_reads: bool = False
     api_tokens: tuple[ApiToken, ...] = ()

@@ -225,6 +225,45 @@ def parse_statement(raw: bytes) -> Record:
     )
 
 
+def unpaired_surrogate(payload: bytes) -> str | None:
+    """Where the statement holds text that is not Unicode, or None.
+
+    JSON may escape a lone UTF-16 surrogate (``"\\ud800"``); Python reads it into a string that no
+    UTF-8 output can carry. The store refuses such records at the door (``Ledger.submit``); records
+    stored before keep being read and printed, escaped.
+    """
+    try:
+        document = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None  # not for this check to say: the statement's own parse names the problem
+
+    def walk(value: Any, where: str) -> str | None:
+        if isinstance(value, str):
+            return where if _has_surrogate(value) else None
+        if isinstance(value, dict):
+            for key, item in value.items():
+                path = f"{where}.{key}" if where else key
+                found = path if _has_surrogate(key) else walk(item, path)
+                if found:
+                    return found
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                found = walk(item, f"{where}[{index}]")
+                if found:
+                    return found
+        return None
+
+    return walk(document, "")
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def _confirmed(value: Any, source: Source) -> tuple[str, ...]:
     """``confirmedByImageLabels``: known source fields, each once, each present in the record's source."""
     where = "predicate.confirmedByImageLabels"

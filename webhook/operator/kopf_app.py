@@ -20,6 +20,7 @@ import kopf
 from webhook.cluster_access import KubeAccess
 from webhook.core import keys
 from webhook.ledger import Ledger
+from webhook.operator import audit_anchor
 from webhook.operator import certificates as tls_rotation
 from webhook.operator.promotions import Phase, reconcile
 from webhook.operator.scanner import Scanner, ScanSettings
@@ -49,6 +50,7 @@ class OperatorConfig:
     peering: bool = False
     liveness_endpoint: str | None = None
     store_retry: float = STORE_RETRY_SECONDS
+    anchor: audit_anchor.AnchorSettings | None = None  # None: no external anchor of the audit log
     scan: ScanSettings | None = None  # None: no scanning of what runs
 
 
@@ -176,7 +178,43 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             for scanner in scanners:
                 await asyncio.to_thread(scanner.stop)
 
+    anchor = config.anchor
+    if anchor is not None:
+        _keep_audit_anchor(registry, config, anchor)
+
     return registry
+
+
+def _keep_audit_anchor(registry: kopf.OperatorRegistry, config: OperatorConfig,
+                       anchor: audit_anchor.AnchorSettings) -> None:
+    """Every ``anchor.interval`` seconds: check the log against the anchor and move it forward."""
+    tasks: list[asyncio.Task[None]] = []
+    clients: list[Any] = []
+
+    async def keep(core: Any) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(audit_anchor.reconcile, core, config.ledger.store, anchor)
+            except Exception as exc:  # the store or the API server failed: report it, keep going
+                log.error("audit anchor check failed: %s; retrying in %.0fs", exc, anchor.interval)
+            await asyncio.sleep(anchor.interval)
+
+    @kopf.on.startup(id="audit-anchor", registry=registry)
+    async def start_anchor(**_: Any) -> None:
+        from kubernetes import client
+
+        api_client = await asyncio.to_thread(config.kube.api_client)
+        clients.append(api_client)
+        tasks.append(asyncio.create_task(keep(client.CoreV1Api(api_client)), name="audit-anchor"))
+
+    @kopf.on.cleanup(id="audit-anchor", registry=registry)
+    async def stop_anchor(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for api_client in clients:
+            api_client.close()
 
 
 def configure_logging(verbose: bool) -> None:
@@ -185,11 +223,12 @@ def configure_logging(verbose: bool) -> None:
 
 def run(config: OperatorConfig) -> None:
     """Run the operator until SIGTERM/SIGINT."""
-    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s, scan %s",
+    log.info("promotion-gate operator: %s, namespaces %s, signing key %s, certificates %s, scan %s, audit anchor %s",
              config.kube.describe(), ", ".join(config.namespaces) or "all",
              config.signer.key_id[:12] if config.signer else "none (envelopes only)",
              "managed" if config.certificates else "not managed",
-             f"every {config.scan.interval:g}s and on every record or policy change" if config.scan else "off")
+             f"every {config.scan.interval:g}s and on every record or policy change" if config.scan else "off",
+             f"ConfigMap {config.anchor.namespace}/{config.anchor.configmap}" if config.anchor else "none")
     kopf.run(
         registry=build_registry(config),
         settings=build_settings(),

@@ -19,10 +19,11 @@ from webhook import ledger
 from webhook.cluster_listing import ClusterError, RunningLookup
 from webhook.core import dsse, references
 from webhook.core.policy import ApiToken, Policy
-from webhook.record_json import outcome_json, status_json, stored_json, tag_promotion_json, trace_json
+from webhook.record_json import audit_chunks, outcome_json, status_json, stored_json, tag_promotion_json, trace_chunks
 from webhook.running import where_json
 from webhook.server import query
-from webhook.store.errors import StoreError
+from webhook.store.errors import AuditTampered, StoreError
+from webhook.store.sql import AuditQuery
 
 if TYPE_CHECKING:
     from webhook.server.app import Services
@@ -147,7 +148,7 @@ def register(records: ledger.Ledger, running: RunningLookup | None = None) -> Ca
         def trace(digest: str) -> Response:
             if not references.is_digest(digest):
                 return _error(400, f"digest {digest!r} is not sha256:<64 hex> or sha512:<128 hex>")
-            return jsonify(trace_json(records.trace(digest)))
+            return Response(trace_chunks(records.trace(digest)), mimetype="application/json")
 
         @api.get("/running/<path:digest>")
         def running_now(digest: str) -> Response:
@@ -170,6 +171,10 @@ def register(records: ledger.Ledger, running: RunningLookup | None = None) -> Ca
             if ref.digest is None:
                 return _error(400, "image must be pinned by digest (repository@sha256:…)")
             return jsonify(status_json(ref.repository, ref.digest, records.status(ref)))
+
+        @api.errorhandler(AuditTampered)
+        def tampered(exc: AuditTampered) -> Response:
+            return _error(409, f"audit log TAMPERED: {exc}; run 'promotion-gate audit verify'")
 
         @api.get("/promoted")
         def promoted() -> Response:
@@ -196,12 +201,14 @@ def register(records: ledger.Ledger, running: RunningLookup | None = None) -> Ca
         @api.get("/audit")
         def audit_events() -> Response:
             args = request.args
-            events = records.store.query_audit(
+            wanted = AuditQuery(
                 since=query.text(args, "since"), until=query.text(args, "until"),
                 namespace=query.text(args, "namespace"), user=query.text(args, "user"),
                 digest=query.text(args, "digest"), reason=query.reason_code(args, "reason"),
-                allowed=query.boolean(args, "allowed"), limit=_limit())
-            return jsonify({"events": events})
+                allowed=query.boolean(args, "allowed"))
+            after = query.whole_number(args, "after", default=0, low=0, high=query.MAX_SEQ)
+            page = records.store.audit_page(wanted, after=after, limit=_limit())
+            return Response(audit_chunks(page), mimetype="application/json")
 
         app.register_blueprint(api)
 

@@ -7,6 +7,7 @@ engine, caches, metrics registry and namespace watch.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import ssl
 from dataclasses import dataclass, field
@@ -73,11 +74,18 @@ def preflight(settings: Settings) -> None:
             "the policy declares environments, which need a store: pass --store sqlite:///var/promotion-gate.db "
             "or a PostgreSQL URL"
         )
+    checkpoint_keys = {k.key_id for k in settings.policy.audit_checkpoint_keys}
     if settings.server_key is not None:
         try:
-            key_files.load_signing_key(settings.server_key)
+            server_key = key_files.load_signing_key(settings.server_key)
         except InvalidKey as exc:
             raise StartupError(f"--server-key: {exc}") from exc
+        if checkpoint_keys and server_key.key_id not in checkpoint_keys:
+            raise StartupError(f"--server-key: its public key ({server_key.key_id[:12]}) is not listed under "
+                               "audit.checkpointKeys, so its checkpoints would not verify")
+    elif checkpoint_keys and settings.store_url and settings.policy.audit_to_store:
+        raise StartupError("audit.checkpointKeys promises signed checkpoints: pass --server-key (or "
+                           "$PROMOTION_GATE_SERVER_KEY) with the private key of one of them")
 
 
 def _environment_resolver(settings: Settings) -> tuple[environments.EnvironmentResolver, Any]:
@@ -128,8 +136,10 @@ def build_app(settings: Settings, metrics: Metrics | None = None) -> Flask:
         records = CachedRecordView(store, settings.policy, metrics)
         server_key = key_files.load_signing_key(settings.server_key) if settings.server_key else None
         if settings.policy.audit_to_store:
-            decision_log = ChainedDecisionLog(store, settings.policy, metrics, server_key=server_key,
-                                              stdout=StdoutDecisionLog(policy_digest=settings.policy.digest))
+            chained = ChainedDecisionLog(store, settings.policy, metrics, server_key=server_key,
+                                         stdout=StdoutDecisionLog(policy_digest=settings.policy.digest))
+            atexit.register(chained.close)  # a worker that stops cleanly leaves no event unsealed
+            decision_log = chained
         running = None
         if settings.running_lookup is not None:
             from webhook.cluster_listing import Lister, RunningLookup

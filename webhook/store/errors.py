@@ -19,3 +19,10 @@ class DuplicateRecord(StoreError):
     def __init__(self, record_id: str) -> None:
         super().__init__(f"record {record_id} is already stored")
         self.record_id = record_id
+
+
+class AuditTampered(GateError):
+    """What the audit log holds contradicts its own hashes: someone changed the database.
+
+    Not a :class:`StoreError`: the store answered, and its answer cannot be trusted (exit 1, HTTP 409).
+    """

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import functools
-import json
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -21,11 +21,37 @@ from webhook.core import records
 from webhook.core.promotion import StoredRecord
 from webhook.core.records import SignedRecord
 from webhook.store import schema
-from webhook.store.errors import DuplicateRecord, StoreError, StoreUnavailable
+from webhook.store.audit_format import (
+    DIGEST_CHARS,
+    GENESIS,
+    NAMESPACE_CHARS,
+    TIME_CHARS,
+    USERNAME_CHARS,
+    AuditColumns,
+    Checkpoint,
+    CheckpointKind,
+    PreparedEvent,
+    Sealer,
+    chain_hash,
+    column_text,
+    columns_of,
+    digests_of,
+    image_digests,
+    parse_time,
+    reasons_of,
+    rfc3339,
+)
+from webhook.store.errors import AuditTampered, DuplicateRecord, StoreError, StoreUnavailable
 
 AUDIT_LOCK_KEY = 0x70676175  # 'pgau': serialises appends to the audit hash chain across replicas
 RECORD_LOCK_KEY = 0x70677263
 PARSED_CACHE_SIZE = 65536
+READ_CHUNK_CHARS = 8 * 1024 * 1024  # event text held in memory at once while reading the log
+MAX_PAGE_CHARS = 8 * 1024 * 1024  # event text in one answer of the API
+MAX_EVENT_READ_CHARS = 1024 * 1024  # larger events are answered without their text by the API
+# Servers write events of at most 8 Mi characters (older versions: some of tens of MiB); anything far
+# larger was put there by hand, and reading it whole could exhaust the reader's memory.
+MAX_LOCAL_EVENT_CHARS = 64 * 1024 * 1024
 BUILDS_PER_TAG = 16
 
 
@@ -58,20 +84,6 @@ AcceptanceCheck = Callable[[Sequence[StoredRecord]], None]
 
 
 @dataclass(frozen=True)
-class AuditEntry:
-    """One event to append; ``build(seq, prev_hash)`` returns (event_json, hash) once its place is known."""
-
-    build: Callable[[int, str], tuple[str, str]]
-    time: str
-    uid: str
-    namespace: str
-    username: str
-    allowed: bool
-    reasons: str
-    digests: Sequence[str]
-
-
-@dataclass(frozen=True)
 class AuditRow:
     seq: int
     event: str
@@ -80,7 +92,39 @@ class AuditRow:
 
 
 @dataclass(frozen=True)
-class Checkpoint:
+class AppendOutcome:
+    """Per event, in order: its stored row, or why it alone was not stored; and the checkpoints made."""
+
+    results: list[AuditRow | Exception]
+    checkpoints: list[Checkpoint]
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoredEvent:
+    """A stored event with its columns as the database holds them (not yet checked)."""
+
+    seq: int
+    prev_hash: str
+    hash: str
+    columns: AuditColumns
+    size: int  # characters of its text
+    text: str | None  # None: larger than the reader's limit, not read
+
+
+@dataclass(frozen=True)
+class AuditHit:
+    """One event a query found: its stored text (checked), or None when it was too large to read."""
+
+    seq: int
+    text: str | None
+    columns: AuditColumns
+    size: int
+
+
+@dataclass(frozen=True)
+class LegacyCheckpoint:
+    """An unchained checkpoint of a log written before version 4 of the schema."""
+
     seq: int
     event_seq: int
     event_hash: str
@@ -277,35 +321,180 @@ class SqlStore:
             conn.execute(schema.records.insert(), rows)
 
     # --- audit chain --------------------------------------------------------------------------
+    #
+    # Events and checkpoints are appended under one lock (in-process, and the PostgreSQL advisory
+    # lock across replicas): the chain never forks. A checkpoint that falls due is signed and
+    # inserted in the same transaction as the events that make it due, so no committed state lacks
+    # a checkpoint that was due (``verify`` relies on that).
 
-    def append_audit(self, entries: Sequence[AuditEntry]) -> list[AuditRow]:
-        """Append events to the chain in one transaction (one fsync for the whole group)."""
+    def _chain_position(self, conn: Connection) -> tuple[int, str]:
+        """The newest event's (seq, hash); after a prune of every event, the newest checkpoint's."""
+        t = schema.audit_events
+        head = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+        if head is not None:
+            return int(head.seq), str(head.hash)
+        c = schema.audit_checkpoint_chain
+        newest = conn.execute(sa.select(c.c.event_seq, c.c.event_hash).order_by(c.c.event_seq.desc()).limit(1)).first()
+        if newest is not None:
+            return int(newest.event_seq), str(newest.event_hash)
+        legacy = schema.audit_checkpoints
+        old = conn.execute(sa.select(legacy.c.event_seq, legacy.c.event_hash)
+                           .order_by(legacy.c.event_seq.desc()).limit(1)).first()
+        return (int(old.event_seq), str(old.event_hash)) if old is not None else (0, GENESIS)
+
+    @staticmethod
+    def _checkpoint(row: Any) -> Checkpoint:
+        return Checkpoint(seq=int(row.seq), prev_hash=row.prev_hash, kind=row.kind, event_seq=int(row.event_seq),
+                          event_hash=row.event_hash, created_at=row.created_at, every=int(row.every),
+                          seconds=int(row.seconds), key_id=row.key_id, signature=row.signature, hash=row.hash)
+
+    def _checkpoint_heads(self, conn: Connection) -> tuple[Checkpoint | None, Checkpoint | None]:
+        """The newest checkpoint (the chain's head) and the newest seal (whose schedule is in force)."""
+        c = schema.audit_checkpoint_chain
+        head = conn.execute(sa.select(c).order_by(c.c.seq.desc()).limit(1)).first()
+        if head is None:
+            return None, None
+        seal: Any = head
+        if head.kind != CheckpointKind.SEAL:
+            seal = conn.execute(sa.select(c).where(c.c.kind == CheckpointKind.SEAL).order_by(c.c.seq.desc())
+                                .limit(1)).first()
+        return self._checkpoint(head), self._checkpoint(seal) if seal is not None else None
+
+    @staticmethod
+    def _time_due(sealer: Sealer, last_seal: Checkpoint, now: datetime) -> bool:
+        made = parse_time(last_seal.created_at)
+        return made is None or (now - made).total_seconds() >= min(last_seal.seconds, sealer.seconds)
+
+    def append_audit(self, entries: Sequence[PreparedEvent], sealer: Sealer | None = None) -> AppendOutcome:
+        """Append events to the chain in one transaction (one fsync for the whole group).
+
+        With a ``sealer``, the checkpoints that fall due are signed and stored in the same transaction.
+        When the group fails for any reason but an unavailable store, each event is tried on its own,
+        so that one event the database refuses fails alone instead of taking the group with it.
+        """
         if not entries:
-            return []
+            return AppendOutcome([], [])
+        try:
+            rows, checkpoints = self._append(entries, sealer)
+            return AppendOutcome(list(rows), checkpoints)
+        except StoreUnavailable:
+            raise
+        except Exception as exc:
+            if len(entries) == 1:
+                return AppendOutcome([exc], [])
+        results: list[AuditRow | Exception] = []
+        sealed: list[Checkpoint] = []
+        for entry in entries:
+            try:
+                (row,), checkpoints = self._append([entry], sealer)
+            except StoreUnavailable:
+                raise
+            except Exception as exc:
+                results.append(exc)
+                continue
+            results.append(row)
+            sealed.extend(checkpoints)
+        return AppendOutcome(results, sealed)
+
+    @staticmethod
+    def _sign_next(sealer: Sealer, head: Checkpoint | None, kind: str, event_seq: int, event_hash: str,
+                   now: datetime) -> Checkpoint:
+        return sealer.sign(seq=head.seq + 1 if head else 1, prev_hash=head.hash if head else GENESIS, kind=kind,
+                           event_seq=event_seq, event_hash=event_hash, created_at=rfc3339(now))
+
+    def _append(self, entries: Sequence[PreparedEvent],
+                sealer: Sealer | None) -> tuple[list[AuditRow], list[Checkpoint]]:
+        try:
+            return self._append_once(entries, sealer)
+        except IntegrityError as exc:  # a constraint of the database refused it: an error like any other
+            raise StoreError(f"store error: {exc.orig or exc}") from exc
+
+    def _append_once(self, entries: Sequence[PreparedEvent],
+                     sealer: Sealer | None) -> tuple[list[AuditRow], list[Checkpoint]]:
         rows: list[AuditRow] = []
+        checkpoints: list[Checkpoint] = []
         with self._writing(AUDIT_LOCK_KEY) as conn:
-            head = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.hash)
-                                .order_by(schema.audit_events.c.seq.desc()).limit(1)).first()
-            if head is None:
-                checkpoint = conn.execute(sa.select(schema.audit_checkpoints)
-                                          .order_by(schema.audit_checkpoints.c.seq.desc()).limit(1)).first()
-                seq, prev = (checkpoint.event_seq + 1, checkpoint.event_hash) if checkpoint else (1, "0" * 64)
-            else:
-                seq, prev = head.seq + 1, head.hash
+            seq, prev = self._chain_position(conn)
+            head_cp, last_seal = self._checkpoint_heads(conn) if sealer is not None else (None, None)
+            now = datetime.now(UTC)
             events: list[dict[str, Any]] = []
             images: list[dict[str, Any]] = []
+
+            def seal(event_seq: int, event_hash: str) -> Checkpoint:
+                nonlocal head_cp, last_seal
+                assert sealer is not None
+                checkpoint = self._sign_next(sealer, head_cp, CheckpointKind.SEAL, event_seq, event_hash, now)
+                checkpoints.append(checkpoint)
+                head_cp = last_seal = checkpoint
+                return checkpoint
+
             for entry in entries:
-                event_json, digest = entry.build(seq, prev)
-                events.append({"seq": seq, "time": entry.time, "uid": entry.uid, "namespace": entry.namespace,
-                               "username": entry.username, "allowed": entry.allowed, "reasons": entry.reasons,
-                               "event": event_json, "prev_hash": prev, "hash": digest})
-                images.extend({"event_seq": seq, "digest": d} for d in sorted(set(entry.digests)))
-                rows.append(AuditRow(seq, event_json, prev, digest))
-                seq, prev = seq + 1, digest
+                seq += 1
+                text = entry.text(seq)
+                digest = chain_hash(seq, prev, text)
+                columns = entry.columns
+                events.append({"seq": seq, "time": columns.time, "uid": columns.uid, "namespace": columns.namespace,
+                               "username": columns.username, "allowed": columns.allowed, "reasons": columns.reasons,
+                               "event": text, "prev_hash": prev, "hash": digest})
+                images.extend({"event_seq": seq, "digest": d} for d in entry.digests)
+                rows.append(AuditRow(seq, text, prev, digest))
+                prev = digest
+                if sealer is not None and (last_seal is None
+                                           or seq - last_seal.event_seq >= min(last_seal.every, sealer.every)):
+                    seal(seq, digest)
+            if sealer is not None and last_seal is not None and last_seal.event_seq < seq \
+                    and self._time_due(sealer, last_seal, now):
+                seal(seq, prev)
             conn.execute(schema.audit_events.insert(), events)
             if images:
                 conn.execute(schema.audit_images.insert(), images)
-        return rows
+            if checkpoints:
+                conn.execute(schema.audit_checkpoint_chain.insert(), [self._checkpoint_row(c) for c in checkpoints])
+        return rows, checkpoints
+
+    @staticmethod
+    def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
+        return {"seq": checkpoint.seq, "prev_hash": checkpoint.prev_hash, "kind": checkpoint.kind,
+                "event_seq": checkpoint.event_seq, "event_hash": checkpoint.event_hash,
+                "created_at": checkpoint.created_at, "every": checkpoint.every, "seconds": checkpoint.seconds,
+                "key_id": checkpoint.key_id, "signature": checkpoint.signature, "hash": checkpoint.hash}
+
+    def seal(self, sealer: Sealer, *, force: bool = False,
+             keep_schedule: bool = False) -> tuple[Checkpoint | None, bool]:
+        """Sign a checkpoint at the head when one is due (or now, with ``force``).
+
+        ``keep_schedule``: promise the schedule of the newest seal, not the sealer's (a manual
+        checkpoint must not loosen what the server promised). Returns the new checkpoint, if any, and
+        whether events remain that no checkpoint covers.
+        """
+        with self._writing(AUDIT_LOCK_KEY) as conn:
+            seq, prev = self._chain_position(conn)
+            head_cp, last_seal = self._checkpoint_heads(conn)
+            if seq == 0 or (last_seal is not None and last_seal.event_seq >= seq):
+                return None, False
+            now = datetime.now(UTC)
+            if not force and last_seal is not None and not self._time_due(sealer, last_seal, now):
+                return None, True
+            if keep_schedule and last_seal is not None:
+                sealer = Sealer(sealer.key, last_seal.every, last_seal.seconds)
+            checkpoint = self._sign_next(sealer, head_cp, CheckpointKind.SEAL, seq, prev, now)
+            conn.execute(schema.audit_checkpoint_chain.insert().values(**self._checkpoint_row(checkpoint)))
+        return checkpoint, False
+
+    def prune_audit(self, sealer: Sealer, up_to_seq: int, expected_hash: str) -> tuple[Checkpoint, int]:
+        """Sign a prune marker at event ``up_to_seq``, then delete the events up to it: one transaction."""
+        with self._writing(AUDIT_LOCK_KEY) as conn:
+            t = schema.audit_events
+            row = conn.execute(sa.select(t.c.hash).where(t.c.seq == up_to_seq)).first()
+            if row is None or row.hash != expected_hash:
+                raise StoreError(f"event {up_to_seq} changed while pruning; run 'promotion-gate audit verify'")
+            head_cp, _ = self._checkpoint_heads(conn)
+            marker = self._sign_next(sealer, head_cp, CheckpointKind.PRUNE, up_to_seq, expected_hash,
+                                     datetime.now(UTC))
+            conn.execute(schema.audit_checkpoint_chain.insert().values(**self._checkpoint_row(marker)))
+            conn.execute(schema.audit_images.delete().where(schema.audit_images.c.event_seq <= up_to_seq))
+            removed = conn.execute(t.delete().where(t.c.seq <= up_to_seq)).rowcount
+        return marker, int(removed or 0)
 
     def audit_head(self) -> tuple[int, str] | None:
         with self._reading() as conn:
@@ -313,60 +502,224 @@ class SqlStore:
                                .order_by(schema.audit_events.c.seq.desc()).limit(1)).first()
         return (int(row.seq), str(row.hash)) if row else None
 
-    def audit_rows(self, *, after: int = 0, limit: int = 1000) -> list[AuditRow]:
-        with self._reading() as conn:
-            rows = conn.execute(sa.select(schema.audit_events.c.seq, schema.audit_events.c.event,
-                                          schema.audit_events.c.prev_hash, schema.audit_events.c.hash)
-                                .where(schema.audit_events.c.seq > after)
-                                .order_by(schema.audit_events.c.seq).limit(limit)).all()
-        return [AuditRow(r.seq, r.event, r.prev_hash, r.hash) for r in rows]
-
-    def query_audit(self, *, since: str | None = None, until: str | None = None, namespace: str | None = None,
-                    user: str | None = None, digest: str | None = None, reason: str | None = None,
-                    allowed: bool | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+    def newest_seq_before(self, moment: str) -> int | None:
+        """The newest event (in chain order) whose time is before ``moment``."""
         t = schema.audit_events
-        query = sa.select(t.c.event)
-        if since:
-            query = query.where(t.c.time >= since)
-        if until:
-            query = query.where(t.c.time < until)
-        if namespace:
-            query = query.where(t.c.namespace == namespace)
-        if user:
-            query = query.where(t.c.username == user)
-        if allowed is not None:
-            query = query.where(t.c.allowed == allowed)
-        if reason:
-            query = query.where(sa.or_(t.c.reasons == reason, t.c.reasons.like(f"{reason},%"),
-                                       t.c.reasons.like(f"%,{reason}"), t.c.reasons.like(f"%,{reason},%")))
-        if digest:
-            query = query.where(t.c.seq.in_(sa.select(schema.audit_images.c.event_seq)
-                                            .where(schema.audit_images.c.digest == digest)))
         with self._reading() as conn:
-            rows = conn.execute(query.order_by(t.c.seq).limit(limit)).all()
-        return [json.loads(r.event) for r in rows]
+            value = conn.execute(sa.select(sa.func.max(t.c.seq)).where(t.c.time < moment)).scalar()
+        return int(value) if value is not None else None
 
-    def add_checkpoint(self, event_seq: int, event_hash: str, created_at: str, key_id: str, signature: str,
-                       *, pruned_before: bool = False) -> None:
-        with self._writing(AUDIT_LOCK_KEY) as conn:
-            conn.execute(schema.audit_checkpoints.insert().values(
-                event_seq=event_seq, event_hash=event_hash, created_at=created_at, key_id=key_id,
-                signature=signature, pruned_before=pruned_before))
+    # --- reading the log in bounded memory ----------------------------------------------------
 
-    def checkpoints(self) -> list[Checkpoint]:
+    def checkpoints(self, *, after: int = 0, page: int = 1000) -> Iterator[Checkpoint]:
+        """The checkpoint chain in order, read page by page."""
+        c = schema.audit_checkpoint_chain
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(sa.select(c).where(c.c.seq > after).order_by(c.c.seq).limit(page)).all()
+            for row in rows:
+                yield self._checkpoint(row)
+            if len(rows) < page:
+                return
+            after = int(rows[-1].seq)
+
+    def checkpoint_head(self) -> Checkpoint | None:
         with self._reading() as conn:
-            rows = conn.execute(sa.select(schema.audit_checkpoints).order_by(schema.audit_checkpoints.c.seq)).all()
-        return [Checkpoint(r.seq, r.event_seq, r.event_hash, r.created_at, r.key_id, r.signature,
-                           bool(r.pruned_before)) for r in rows]
+            head, _ = self._checkpoint_heads(conn)
+        return head
 
-    def prune_audit(self, up_to_seq: int) -> int:
-        """Delete events up to a checkpointed event (inclusive); the checkpoint anchors what remains."""
-        with self._writing(AUDIT_LOCK_KEY) as conn:
-            conn.execute(schema.audit_images.delete().where(schema.audit_images.c.event_seq <= up_to_seq))
-            result = conn.execute(schema.audit_events.delete().where(schema.audit_events.c.seq <= up_to_seq))
-            conn.execute(schema.audit_checkpoints.update()
-                         .where(schema.audit_checkpoints.c.event_seq == up_to_seq).values(pruned_before=True))
-            return int(result.rowcount or 0)
+    def checkpoint_at(self, seq: int) -> Checkpoint | None:
+        c = schema.audit_checkpoint_chain
+        with self._reading() as conn:
+            row = conn.execute(sa.select(c).where(c.c.seq == seq)).first()
+        return self._checkpoint(row) if row is not None else None
+
+    def legacy_checkpoints(self, *, page: int = 1000) -> Iterator[LegacyCheckpoint]:
+        """The unchained checkpoints of logs written before version 4 of the schema."""
+        c = schema.audit_checkpoints
+        after = 0
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(sa.select(c).where(c.c.seq > after).order_by(c.c.seq).limit(page)).all()
+            for r in rows:
+                yield LegacyCheckpoint(int(r.seq), int(r.event_seq), r.event_hash, r.created_at, r.key_id,
+                                       r.signature, bool(r.pruned_before))
+            if len(rows) < page:
+                return
+            after = int(rows[-1].seq)
+
+    def event_hash(self, seq: int) -> str | None:
+        t = schema.audit_events
+        with self._reading() as conn:
+            row = conn.execute(sa.select(t.c.hash).where(t.c.seq == seq)).first()
+        return str(row.hash) if row is not None else None
+
+    def image_rows(self, *, page: int = 5000) -> Iterator[tuple[int, str]]:
+        """The images index, in (event, digest) order."""
+        t = schema.audit_images
+        after: tuple[int, str] = (-1, "")
+        while True:
+            with self._reading() as conn:
+                rows = conn.execute(sa.select(t.c.event_seq, t.c.digest)
+                                    .where(sa.or_(t.c.event_seq > after[0],
+                                                  sa.and_(t.c.event_seq == after[0], t.c.digest > after[1])))
+                                    .order_by(t.c.event_seq, t.c.digest).limit(page)).all()
+            for row in rows:
+                yield int(row.event_seq), str(row.digest)
+            if len(rows) < page:
+                return
+            after = (int(rows[-1].event_seq), str(rows[-1].digest))
+
+    def events(self, *, after: int = 0, where: Sequence[Any] = (), max_event_chars: int | None = None,
+               chunk_chars: int = READ_CHUNK_CHARS, page: int = 256) -> Iterator[StoredEvent]:
+        """Stored events in chain order, with their columns as stored.
+
+        Memory stays bounded whatever the events' sizes: a page of metadata first, then the texts in
+        chunks of at most ``chunk_chars`` characters (one event alone when it is larger). Events
+        larger than ``max_event_chars`` come without their text.
+        """
+        t = schema.audit_events
+        size = sa.func.length(t.c.event).label("size")
+        meta_columns = (t.c.seq, t.c.time, t.c.uid, t.c.namespace, t.c.username, t.c.allowed, t.c.reasons,
+                        t.c.prev_hash, t.c.hash, size)
+        while True:
+            with self._reading() as conn:
+                meta = conn.execute(sa.select(*meta_columns).where(t.c.seq > after, *where).order_by(t.c.seq)
+                                    .limit(page)).all()
+            index = 0
+            while index < len(meta):
+                chunk: list[Any] = [meta[index]]
+                total = int(meta[index].size or 0)
+                index += 1
+                while index < len(meta) and total + int(meta[index].size or 0) <= chunk_chars:
+                    total += int(meta[index].size or 0)
+                    chunk.append(meta[index])
+                    index += 1
+                wanted = [int(m.seq) for m in chunk if max_event_chars is None or int(m.size or 0) <= max_event_chars]
+                texts: dict[int, str] = {}
+                if wanted:
+                    with self._reading() as conn:
+                        texts = {int(r.seq): r.event for r in conn.execute(
+                            sa.select(t.c.seq, t.c.event).where(t.c.seq.in_(wanted)))}
+                for m in chunk:
+                    yield StoredEvent(seq=int(m.seq), prev_hash=m.prev_hash, hash=m.hash, size=int(m.size or 0),
+                                      columns=AuditColumns(time=m.time, uid=m.uid, namespace=m.namespace,
+                                                           username=m.username, allowed=bool(m.allowed),
+                                                           reasons=m.reasons),
+                                      text=texts.get(int(m.seq)))
+                texts.clear()
+            if len(meta) < page:
+                return
+            after = int(meta[-1].seq)
+
+    def query_audit(self, query: AuditQuery, *, after: int = 0,
+                    max_event_chars: int | None = None) -> Iterator[AuditHit]:
+        """Events that match ``query``, oldest first, each re-checked against its hashed content.
+
+        The filter runs on the indexed columns; every event found is then checked: its text against
+        its hash, its columns and index rows against its text, and the filter against its text. An
+        edited column or index row raises :class:`AuditTampered` instead of silently changing the
+        answer; an event larger than ``max_event_chars`` comes without its text (and unchecked).
+        """
+        for stored in self.events(after=after, where=query.where(), max_event_chars=max_event_chars):
+            if stored.text is None:
+                yield AuditHit(stored.seq, None, stored.columns, stored.size)
+                continue
+            event = recheck(stored)
+            if query.digest and column_text(query.digest, DIGEST_CHARS) not in digests_of(event):
+                raise AuditTampered(f"event {stored.seq}: the images index names {query.digest}, which the event "
+                                    "does not")
+            if query.matches(event):
+                yield AuditHit(stored.seq, stored.text, stored.columns, stored.size)
+
+    def audit_page(self, query: AuditQuery, *, after: int = 0, limit: int = 1000, max_chars: int = MAX_PAGE_CHARS,
+                   max_event_chars: int | None = MAX_EVENT_READ_CHARS) -> AuditPage:
+        """At most ``limit`` events and ``max_chars`` characters of event text, from after event ``after``.
+
+        ``next`` is set when more events may follow: ask again with ``after=next``.
+        """
+        hits: list[AuditHit] = []
+        used = 0
+        for hit in self.query_audit(query, after=after, max_event_chars=max_event_chars):
+            size = len(hit.text) if hit.text is not None else 0
+            if len(hits) >= limit or (hits and used + size > max_chars):
+                return AuditPage(hits, hits[-1].seq)
+            hits.append(hit)
+            used += size
+        return AuditPage(hits, None)
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    events: list[AuditHit]
+    next: int | None  # more may follow after this event
+
+
+def recheck(stored: StoredEvent) -> dict[str, Any]:
+    """The event of a stored row, after checking the row against its own hash; raises AuditTampered."""
+    assert stored.text is not None
+    problem = f"event {stored.seq} was altered: its content does not match its hash"
+    if chain_hash(stored.seq, stored.prev_hash, stored.text) != stored.hash:
+        raise AuditTampered(problem)
+    try:
+        event = orjson.loads(stored.text)
+    except orjson.JSONDecodeError as exc:
+        raise AuditTampered(problem) from exc
+    if not isinstance(event, dict) or event.get("seq") != stored.seq:
+        raise AuditTampered(problem)
+    column = columns_of(event).differing(stored.columns)
+    if column is not None:
+        raise AuditTampered(f"event {stored.seq}: its {column} column does not match its hashed content")
+    return event
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """What ``audit`` and ``GET /api/v1/audit`` filter on; every field optional."""
+
+    since: str | None = None
+    until: str | None = None
+    namespace: str | None = None
+    user: str | None = None
+    digest: str | None = None
+    reason: str | None = None
+    allowed: bool | None = None
+
+    def where(self) -> list[Any]:
+        t = schema.audit_events
+        clauses: list[Any] = []
+        if self.since:
+            clauses.append(t.c.time >= column_text(self.since, TIME_CHARS))
+        if self.until:
+            clauses.append(t.c.time < column_text(self.until, TIME_CHARS))
+        if self.namespace:
+            clauses.append(t.c.namespace == column_text(self.namespace, NAMESPACE_CHARS))
+        if self.user:
+            clauses.append(t.c.username == column_text(self.user, USERNAME_CHARS))
+        if self.allowed is not None:
+            clauses.append(t.c.allowed == self.allowed)
+        if self.reason:
+            reason = self.reason
+            clauses.append(sa.or_(t.c.reasons == reason, t.c.reasons.like(f"{reason},%"),
+                                  t.c.reasons.like(f"%,{reason}"), t.c.reasons.like(f"%,{reason},%")))
+        if self.digest:
+            clauses.append(t.c.seq.in_(sa.select(schema.audit_images.c.event_seq)
+                                       .where(schema.audit_images.c.digest == column_text(self.digest, DIGEST_CHARS))))
+        return clauses
+
+    def matches(self, event: Mapping[str, Any]) -> bool:
+        """The filter applied to the event itself (its complete values, not the bounded columns)."""
+        time = event.get("time")
+        checks = (
+            not self.since or (isinstance(time, str) and time >= self.since),
+            not self.until or (isinstance(time, str) and time < self.until),
+            not self.namespace or event.get("namespace") == self.namespace,
+            not self.user or event.get("user") == self.user,
+            self.allowed is None or event.get("allowed") is self.allowed,
+            not self.reason or self.reason in reasons_of(event),
+            not self.digest or self.digest in image_digests(event),
+        )
+        return all(checks)
 
 
 def open_store(url: str, *, migrate: bool = False) -> SqlStore:

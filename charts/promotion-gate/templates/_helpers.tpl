@@ -83,6 +83,15 @@ one Promotion Gate per cluster.
 {{- include "promotion-gate.fullname" . }}
 {{- end }}
 
+{{/* The operator keeps the audit log's external anchor: "true" or "". */}}
+{{- define "promotion-gate.auditAnchor" -}}
+{{- if and .Values.operator.enabled .Values.serverKey.enabled .Values.auditAnchor.enabled -}}true{{- end -}}
+{{- end }}
+
+{{- define "promotion-gate.auditAnchorName" -}}
+{{- printf "%s-audit-anchor" (include "promotion-gate.fullname" .) }}
+{{- end }}
+
 {{- define "promotion-gate.tlsSecretName" -}}
 {{- if eq .Values.certificates.mode "provided" }}
 {{- required "certificates.provided.secretName is required when certificates.mode=provided" .Values.certificates.provided.secretName }}
