@@ -193,10 +193,10 @@ def test_records_are_append_only_in_the_database(store: SqlStore, kit: Kit) -> N
 
 def test_migrations_are_idempotent(store_url: str) -> None:
     first = open_store(store_url)
-    assert first.migrate() == first.migrate() == 4
+    assert first.migrate() == first.migrate() == 5
     with first.engine.connect() as conn:
         versions = conn.execute(sa.text("SELECT version FROM schema_version ORDER BY version")).scalars().all()
-    assert versions == [1, 2, 3, 4]
+    assert versions == [1, 2, 3, 4, 5]
 
 
 def _shipped_records_table() -> sa.Table:
@@ -224,7 +224,11 @@ def test_a_store_made_before_tags_gets_them_and_keeps_its_records(store_url: str
         conn.execute(_shipped_records_table().insert().values(
             id=signed.id, kind="promotion", repository=REPOSITORY, digest=DIGEST, environment="ci",
             recorded_at="2026-11-25T10:00:00Z", submitted_by="ci-bot", envelope=signed.envelope.dumps()))
-    assert old.migrate() == 4
+        # the index by repository alone that migration 1 made then, which migration 5 drops
+        conn.execute(sa.text("CREATE INDEX records_by_repository ON records (repository)"))
+    assert old.migrate() == 5
+    indexes = {i["name"] for i in sa.inspect(old.engine).get_indexes("records")}
+    assert "records_by_repository_tag" in indexes and "records_by_repository" not in indexes
     tagged = ci_record(digest="sha256:" + "b" * 64, built_as="abc123")
     add(old, kit, tagged, "ci")
     found = old.records_for_subjects([DIGEST], [(REPOSITORY, "abc123")])

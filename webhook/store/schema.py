@@ -37,7 +37,6 @@ records = Table(
     Column("envelope", Text, nullable=False),
     Column("built_as", String(128), nullable=True),  # the promotion's predicate.builtAs (migration 3)
     Index("records_by_digest_environment", "digest", "environment"),
-    Index("records_by_repository", "repository"),
     Index("records_by_repository_tag", "repository", "built_as"),
 )
 
@@ -129,7 +128,6 @@ def _v3_built_as(conn: Connection) -> None:
         conn.execute(text("CREATE INDEX records_by_repository_tag ON records (repository, built_as)"))
 
 
-
 APPEND_ONLY_CHECKPOINTS = "audit checkpoints are append-only"
 APPEND_ONLY_EVENTS = "audit events are append-only"
 PRUNE_ONLY = "audit events are removed only by 'promotion-gate audit prune', up to its signed prune marker"
@@ -184,4 +182,13 @@ def _v4_chained_checkpoints(conn: Connection) -> None:
                               f"EXECUTE FUNCTION promotion_gate_audit_refuse('{APPEND_ONLY_EVENTS}')"))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only, _v3_built_as, _v4_chained_checkpoints]
+def _v5_one_repository_index(conn: Connection) -> None:
+    # records_by_repository (repository) is a prefix of records_by_repository_tag (repository,
+    # built_as), which serves every query the first one did. Two indexes starting with the same column
+    # cost every insert twice, and left the planner a tie that it broke either way: a lookup by
+    # repository and tag must use the index that holds both.
+    conn.execute(text("DROP INDEX IF EXISTS records_by_repository"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [_v1, _v2_append_only, _v3_built_as, _v4_chained_checkpoints,
+                                                  _v5_one_repository_index]
