@@ -78,6 +78,7 @@ class CachedRecordView:
         self._confirmed_at = 0.0  # ... and when (time.monotonic)
         self._confirm_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="store-lookup")
+        self._store_answers = True  # read on the request's thread (see _read)
         self._hit = metrics.cache.labels(result="hit")
         self._miss = metrics.cache.labels(result="miss")
         self._stale = metrics.cache.labels(result="stale-served")
@@ -144,13 +145,37 @@ class CachedRecordView:
             self._tags.put((repository, tag), (version, statements))
         return version, answers, tag_answers
 
-    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
-        future = self._pool.submit(self._lookup, subjects, tags)
+    def _read(self, subjects: Sequence[Subject],
+              tags: Sequence[TagSubject]) -> tuple[int, dict[Subject, Entry], dict[TagSubject, TagEntry]]:
+        """:meth:`_lookup` within the deadline, on this thread while the store answers.
+
+        On the request's own thread the store's watchdog interrupts a read at the deadline
+        (:mod:`webhook.store.deadlines`), which saves two thread wake-ups per request. It cannot
+        interrupt a connection being made, so after a failure, until a lookup succeeds again, lookups
+        go to the pool and the request waits for at most the deadline, whatever the store does.
+        """
+        if self._store_answers:
+            with self._store.deadline(self._deadline) as watch:
+                try:
+                    return self._lookup(subjects, tags)
+                except StoreError as exc:
+                    self._store_answers = False
+                    if watch.expired:
+                        raise TimeoutError("timed out") from exc
+                    raise
         try:
-            version, entries, tag_entries = future.result(timeout=self._deadline)
-        except (FutureTimeout, StoreError) as exc:
+            found = self._pool.submit(self._lookup, subjects, tags).result(timeout=self._deadline)
+        except FutureTimeout as exc:
+            raise TimeoutError("timed out") from exc
+        self._store_answers = True
+        return found
+
+    def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
+        try:
+            version, entries, tag_entries = self._read(subjects, tags)
+        except (TimeoutError, StoreError) as exc:
             self._metrics.store_errors.labels(operation="lookup").inc()
-            detail = "timed out" if isinstance(exc, FutureTimeout) else str(exc).splitlines()[0][:160]
+            detail = "timed out" if isinstance(exc, TimeoutError) else str(exc).splitlines()[0][:160]
             # No hint for tags: the plain mutable-tag denial stands.
             return Lookup({subject: self._fallback(subject, environment, detail) for subject in subjects})
         answers = {}

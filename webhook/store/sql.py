@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ from webhook.store.audit_format import (
     reasons_of,
     rfc3339,
 )
+from webhook.store.deadlines import Watch, Watchdog, interrupt_postgresql, interrupt_sqlite
 from webhook.store.errors import AuditTampered, DuplicateRecord, StoreError, StoreUnavailable
 
 AUDIT_LOCK_KEY = 0x70676175  # 'pgau': serialises appends to the audit hash chain across replicas
@@ -53,6 +54,7 @@ MAX_EVENT_READ_CHARS = 1024 * 1024  # larger events are answered without their t
 # larger was put there by hand, and reading it whole could exhaust the reader's memory.
 MAX_LOCAL_EVENT_CHARS = 64 * 1024 * 1024
 BUILDS_PER_TAG = 16
+EVENT_COLUMNS = ("seq", "time", "uid", "namespace", "username", "allowed", "reasons", "event", "prev_hash", "hash")
 
 
 def redact(url: str) -> str:
@@ -139,6 +141,10 @@ class SqlStore:
         self.url = _normalise(url)
         self.dialect = "sqlite" if self.url.drivername == "sqlite" else "postgresql"
         self._write_lock = threading.Lock()  # in-process writers queue here instead of on the DB lock
+        self._watchdog = Watchdog(interrupt_sqlite if self.dialect == "sqlite" else interrupt_postgresql)
+        self._insert_events = (f"INSERT INTO audit_events ({', '.join(EVENT_COLUMNS)}) "
+                               f"VALUES ({self._mark(len(EVENT_COLUMNS))})")
+        self._insert_images = f"INSERT INTO audit_images (event_seq, digest) VALUES ({self._mark(2)})"
         if self.dialect == "sqlite":
             Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
             self.engine = self._sqlite_engine(immediate=False)
@@ -149,9 +155,12 @@ class SqlStore:
                                                  connect_args=connect_args)
             # Readers run single statements: autocommit saves the BEGIN/ROLLBACK round trips, and a
             # connection broken by a server restart fails one lookup (fail closed) instead of costing
-            # a ping on every checkout.
-            self.engine = sa.create_engine(self.url, pool_pre_ping=False, pool_size=8, max_overflow=8,
-                                           isolation_level="AUTOCOMMIT", connect_args=connect_args)
+            # a ping on every checkout. Admission reads on its own threads under a deadline
+            # (:mod:`.deadlines`), which cannot interrupt a connection being made: libpq's shortest
+            # connect timeout (2 s) bounds that, and waiting for a free connection is bounded too.
+            self.engine = sa.create_engine(self.url, pool_pre_ping=False, pool_size=8, max_overflow=8, pool_timeout=2,
+                                           isolation_level="AUTOCOMMIT",
+                                           connect_args={**connect_args, "connect_timeout": 2})
 
     def _sqlite_engine(self, *, immediate: bool) -> Engine:
         engine = sa.create_engine(self.url, connect_args={"timeout": 10, "check_same_thread": False},
@@ -182,15 +191,62 @@ class SqlStore:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def deadline(self, seconds: float) -> AbstractContextManager[Watch]:
+        """Reads on this thread inside the block are interrupted ``seconds`` from now (:mod:`.deadlines`)."""
+        return self._watchdog.deadline(seconds)
+
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
         try:
-            with self.engine.connect() as conn:
-                yield conn
+            with self.engine.connect() as conn, self._watchdog.guard(conn.connection.dbapi_connection) as guarded:
+                try:
+                    yield conn
+                finally:
+                    if guarded is not None and guarded.interrupted:
+                        conn.invalidate()  # the watchdog may have broken it even if the read ended in time
+        except TimeoutError as exc:
+            raise StoreUnavailable("store unavailable: timed out") from exc
         except OperationalError as exc:
             raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"store error: {exc}") from exc
+
+    @contextmanager
+    def _driver(self) -> Iterator[Any]:
+        """A DB-API cursor on a pooled reader connection, for the admission path's per-request statement.
+
+        Written against the driver on purpose: for a one-row query, SQLAlchemy Core's statement
+        machinery costs about 90 µs of CPU per call and the driver about 5 µs; admission asks it on
+        every request (docs/benchmarks.md). Everything else goes through the Core.
+        """
+        dbapi = self.engine.dialect.loaded_dbapi
+        try:
+            connection = self.engine.raw_connection()
+        except OperationalError as exc:
+            raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
+        try:
+            with self._watchdog.guard(connection.dbapi_connection) as guarded:
+                cursor = connection.cursor()
+                try:
+                    yield cursor
+                finally:
+                    cursor.close()
+                    if guarded is not None and guarded.interrupted and connection.is_valid:
+                        connection.invalidate()  # the watchdog may have broken it even if the read ended in time
+        except TimeoutError as exc:
+            raise StoreUnavailable("store unavailable: timed out") from exc
+        except dbapi.Error as exc:
+            if connection.is_valid:
+                connection.invalidate()  # broken or interrupted: never handed out again
+            if isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+                raise StoreUnavailable(f"store unavailable: {exc}") from exc
+            raise StoreError(f"store error: {exc}") from exc
+        finally:
+            connection.close()
+
+    def _mark(self, count: int) -> str:
+        """``count`` placeholders in the driver's own parameter style (qmark for sqlite3, format for psycopg)."""
+        return ", ".join(["?" if self.dialect == "sqlite" else "%s"] * count)
 
     @contextmanager
     def _writing(self, lock_key: int) -> Iterator[Connection]:
@@ -205,6 +261,11 @@ class SqlStore:
             except OperationalError as exc:
                 raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
             except SQLAlchemyError as exc:
+                raise StoreError(f"store error: {exc}") from exc
+            except self.write_engine.dialect.loaded_dbapi.Error as exc:  # statements sent straight to the driver
+                dbapi = self.write_engine.dialect.loaded_dbapi
+                if isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+                    raise StoreUnavailable(f"store unavailable: {exc}") from exc
                 raise StoreError(f"store error: {exc}") from exc
 
     def migrate(self) -> int:
@@ -307,9 +368,14 @@ class SqlStore:
         return [self._stored(r) for r in rows]
 
     def records_version(self) -> int:
-        """The highest record sequence number: it changes whenever a record is added."""
-        with self._reading() as conn:
-            return int(conn.execute(sa.select(sa.func.max(schema.records.c.seq))).scalar() or 0)
+        """The highest record sequence number: it changes whenever a record is added.
+
+        Asked once per admission, so it is one statement straight to the driver (see :meth:`_driver`).
+        """
+        with self._driver() as cursor:
+            cursor.execute("SELECT max(seq) FROM records")
+            row = cursor.fetchone()
+        return int(row[0] or 0) if row else 0
 
     def record_count(self) -> int:
         with self._reading() as conn:
@@ -329,10 +395,14 @@ class SqlStore:
 
     def _chain_position(self, conn: Connection) -> tuple[int, str]:
         """The newest event's (seq, hash); after a prune of every event, the newest checkpoint's."""
-        t = schema.audit_events
-        head = conn.execute(sa.select(t.c.seq, t.c.hash).order_by(t.c.seq.desc()).limit(1)).first()
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # once per commit
+        try:
+            cursor.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            head = cursor.fetchone()
+        finally:
+            cursor.close()
         if head is not None:
-            return int(head.seq), str(head.hash)
+            return int(head[0]), str(head[1])
         c = schema.audit_checkpoint_chain
         newest = conn.execute(sa.select(c.c.event_seq, c.c.event_hash).order_by(c.c.event_seq.desc()).limit(1)).first()
         if newest is not None:
@@ -417,8 +487,8 @@ class SqlStore:
             seq, prev = self._chain_position(conn)
             head_cp, last_seal = self._checkpoint_heads(conn) if sealer is not None else (None, None)
             now = datetime.now(UTC)
-            events: list[dict[str, Any]] = []
-            images: list[dict[str, Any]] = []
+            events: list[tuple[Any, ...]] = []
+            images: list[tuple[int, str]] = []
 
             def seal(event_seq: int, event_hash: str) -> Checkpoint:
                 nonlocal head_cp, last_seal
@@ -433,10 +503,9 @@ class SqlStore:
                 text = entry.text(seq)
                 digest = chain_hash(seq, prev, text)
                 columns = entry.columns
-                events.append({"seq": seq, "time": columns.time, "uid": columns.uid, "namespace": columns.namespace,
-                               "username": columns.username, "allowed": columns.allowed, "reasons": columns.reasons,
-                               "event": text, "prev_hash": prev, "hash": digest})
-                images.extend({"event_seq": seq, "digest": d} for d in entry.digests)
+                events.append((seq, columns.time, columns.uid, columns.namespace, columns.username, columns.allowed,
+                               columns.reasons, text, prev, digest))
+                images.extend((seq, d) for d in entry.digests)
                 rows.append(AuditRow(seq, text, prev, digest))
                 prev = digest
                 if sealer is not None and (last_seal is None
@@ -445,9 +514,16 @@ class SqlStore:
             if sealer is not None and last_seal is not None and last_seal.event_seq < seq \
                     and self._time_due(sealer, last_seal, now):
                 seal(seq, prev)
-            conn.execute(schema.audit_events.insert(), events)
-            if images:
-                conn.execute(schema.audit_images.insert(), images)
+            # Straight to the driver's executemany, in the transaction's own connection: the Core
+            # would process every parameter of every row in Python, and a decision brings a row per
+            # image besides its event (docs/benchmarks.md).
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.executemany(self._insert_events, events)
+                if images:
+                    cursor.executemany(self._insert_images, images)
+            finally:
+                cursor.close()
             if checkpoints:
                 conn.execute(schema.audit_checkpoint_chain.insert(), [self._checkpoint_row(c) for c in checkpoints])
         return rows, checkpoints
