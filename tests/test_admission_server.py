@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
 import ssl
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 
+from tests.conftest import DIGEST_ONLY_POLICY
 from tools.reviews import DIGEST, POD_SPEC_PATH, review, workload
 from tools.servers import RunningServer
 
@@ -243,3 +248,26 @@ def test_made_up_namespaces_create_no_metric_series(server_factory, tmp_path) ->
     ]
     labelled = [line for line in text.splitlines() if line.startswith("promotion_gate_") and "{" in line]
     assert not [line for line in labelled if "made-up" in line]
+
+
+def test_several_workers_answer_one_set_of_metrics(server_factory) -> None:  # type: ignore[no-untyped-def]
+    """With --workers 2, /metrics is the pod's sum whichever worker a scrape reaches, and a worker
+    that dies takes none of it away."""
+    gate = server_factory(policy=DIGEST_ONLY_POLICY, extra=["--workers", "2"])
+    body = review(workload("Pod", ["metrics-probe:1"]))
+    with ThreadPoolExecutor(max_workers=8) as pool:  # each request on its own connection: both workers answer
+        codes = list(pool.map(lambda _: gate.post("/validate", json=body).status_code, range(40)))
+    assert codes == [200] * 40
+    denied = 'promotion_gate_decisions_total{allowed="false",environment="",mode="enforce",reason="mutable-tag"} 40.0'
+
+    def scrapes() -> list[str]:
+        return [gate.get("/metrics").text for _ in range(12)]
+
+    assert all(denied in text and "promotion_gate_ready 1.0" in text for text in scrapes())
+    victim = max(gate.worker_pids())
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while victim in gate.worker_pids() or len(gate.worker_pids()) < 2:
+        assert time.monotonic() < deadline, "the dead worker should be replaced"
+        time.sleep(0.2)
+    assert all(denied in text and "promotion_gate_ready 1.0" in text for text in scrapes())

@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 import click
 
 from webhook import certs as certs_mod
+from webhook import metrics as metrics_mod
 from webhook.cli.options import load_policy, policy_option, store_option
 from webhook.server.connections import Limits
 
@@ -125,4 +127,8 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     client_auth = f", /validate needs a client certificate from {validate_client_ca}" if validate_client_ca else ""
     click.echo(f"promotion-gate serving https://{bind}/validate (policy {policy_path or 'built-in default'}, "
                f"store {wiring.describe_store(store)}{client_auth})", err=True)
-    serving.serve(options, lambda: wiring.build_served(settings))
+    if workers > 1:
+        # One set of counters for the pod, whichever worker a scrape reaches (docs/metrics.md).
+        shared = os.environ.get(metrics_mod.MULTIPROCESS_ENV) or tempfile.mkdtemp(prefix="promotion-gate-metrics-")
+        metrics_mod.share_between_workers(Path(shared))
+    serving.serve(options, lambda: wiring.build_served(settings), worker_exited=metrics_mod.worker_stopped)

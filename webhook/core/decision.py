@@ -254,11 +254,14 @@ def _judge_image(
     lookups: Lookup,
 ) -> tuple[ImageOutcome, Finding | None, str | None]:
     ref = classified.reference
-    outcome = ImageOutcome(field_path=container.field_path, container=container.container, image=container.image)
     if ref is None:
+        outcome = ImageOutcome(field_path=container.field_path, container=container.container, image=container.image)
         return outcome, words.invalid_reference(subject, container, classified.problem or ""), None
     exempt = bool(policy.exempt_images) and _exempt(policy, ref)
-    outcome = replace(outcome, repository=ref.repository, digest=ref.digest or "", exempt=exempt)
+    # Built whole rather than with dataclasses.replace, which costs several times a construction: this
+    # runs for every container of every request.
+    outcome = ImageOutcome(field_path=container.field_path, container=container.container, image=container.image,
+                           repository=ref.repository, digest=ref.digest or "", exempt=exempt)
     if exempt:
         return outcome, None, None
     if ref.digest is None:
@@ -270,7 +273,9 @@ def _judge_image(
         return outcome, None, warning
     status = lookups.statuses.get((ref.repository, ref.digest), NOT_PROMOTED)
     if status.state is Promotion.PROMOTED:
-        return replace(outcome, record_ids=status.record_ids), None, warning
+        counted = ImageOutcome(field_path=outcome.field_path, container=outcome.container, image=outcome.image,
+                               repository=outcome.repository, digest=outcome.digest, record_ids=status.record_ids)
+        return counted, None, warning
     if status.state is Promotion.UNAVAILABLE:
         return outcome, words.store_unavailable(subject, container, ref, status.detail), warning
     if status.state is Promotion.UNTRUSTED:

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 from flask import Flask, Response, jsonify, request
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from werkzeug.exceptions import HTTPException
 
 from webhook.core import decision, findings, workloads
@@ -193,7 +193,7 @@ def create_app(services: Services) -> Flask:
 
     @app.get("/metrics")
     def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), mimetype=CONTENT_TYPE_LATEST)
+        return Response(metrics.exposition(), mimetype=CONTENT_TYPE_LATEST)
 
     if services.api is not None:
         services.api(app, services)

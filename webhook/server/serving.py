@@ -104,23 +104,29 @@ def _run_worker(sock: socket.socket, options: ServerOptions, factory: Callable[[
     asyncio.run(_serve_worker(sock, options, served))
 
 
-def serve(options: ServerOptions, factory: Callable[[], Served]) -> None:
-    """Serve until SIGTERM or SIGINT; with several workers, a parent process keeps them running."""
+def serve(options: ServerOptions, factory: Callable[[], Served],
+          worker_exited: Callable[[int], None] = lambda _pid: None) -> None:
+    """Serve until SIGTERM or SIGINT; with several workers, a parent process keeps them running.
+
+    ``worker_exited(pid)`` is called in the parent for each worker that ended, before any replacement starts.
+    """
     raise_open_file_limit()
     sock = listen(options.bind)
     if options.workers == 1:
         _run_worker(sock, options, factory)
         return
-    _Supervisor(sock, options, factory).run()
+    _Supervisor(sock, options, factory, worker_exited).run()
 
 
 class _Supervisor:
     """Forks the workers, restarts one that dies, and passes SIGTERM/SIGINT on to all of them."""
 
-    def __init__(self, sock: socket.socket, options: ServerOptions, factory: Callable[[], Served]) -> None:
+    def __init__(self, sock: socket.socket, options: ServerOptions, factory: Callable[[], Served],
+                 worker_exited: Callable[[int], None]) -> None:
         self._sock = sock
         self._options = options
         self._factory = factory
+        self._worker_exited = worker_exited
         self._children: set[int] = set()
         self._stopping = False
 
@@ -160,6 +166,8 @@ class _Supervisor:
             except InterruptedError:
                 continue
             self._children.discard(pid)
+            with contextlib.suppress(Exception):  # bookkeeping only: never stops the supervisor
+                self._worker_exited(pid)
             if not self._stopping:
                 log.error("worker %d exited (%s); starting a new one", pid, os.waitstatus_to_exitcode(status))
                 time.sleep(RESPAWN_PAUSE)

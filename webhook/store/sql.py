@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -55,6 +56,15 @@ MAX_EVENT_READ_CHARS = 1024 * 1024  # larger events are answered without their t
 MAX_LOCAL_EVENT_CHARS = 64 * 1024 * 1024
 BUILDS_PER_TAG = 16
 EVENT_COLUMNS = ("seq", "time", "uid", "namespace", "username", "allowed", "reasons", "event", "prev_hash", "hash")
+CHECKPOINT_COLUMNS = ("seq", "prev_hash", "kind", "event_seq", "event_hash", "created_at", "every", "seconds", "key_id",
+                      "signature", "hash")
+
+
+class _Columns:
+    """A DB-API row read by column name, as the Core's rows are."""
+
+    def __init__(self, names: Sequence[str], row: Sequence[Any]) -> None:
+        self.__dict__.update(zip(names, row, strict=True))
 
 
 def redact(url: str) -> str:
@@ -145,6 +155,8 @@ class SqlStore:
         self._insert_events = (f"INSERT INTO audit_events ({', '.join(EVENT_COLUMNS)}) "
                                f"VALUES ({self._mark(len(EVENT_COLUMNS))})")
         self._insert_images = f"INSERT INTO audit_images (event_seq, digest) VALUES ({self._mark(2)})"
+        self._insert_checkpoint = (f"INSERT INTO audit_checkpoint_chain ({', '.join(CHECKPOINT_COLUMNS)}) "
+                                   f"VALUES ({self._mark(len(CHECKPOINT_COLUMNS))})")
         if self.dialect == "sqlite":
             Path(self.url.database or "").parent.mkdir(parents=True, exist_ok=True)
             self.engine = self._sqlite_engine(immediate=False)
@@ -393,24 +405,27 @@ class SqlStore:
     # inserted in the same transaction as the events that make it due, so no committed state lacks
     # a checkpoint that was due (``verify`` relies on that).
 
-    def _chain_position(self, conn: Connection) -> tuple[int, str]:
-        """The newest event's (seq, hash); after a prune of every event, the newest checkpoint's."""
-        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]  # once per commit
+    @staticmethod
+    @contextmanager
+    def _cursor(conn: Connection) -> Iterator[Any]:
+        """A DB-API cursor in the transaction of a Core connection."""
+        cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
         try:
-            cursor.execute("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            head = cursor.fetchone()
+            yield cursor
         finally:
             cursor.close()
-        if head is not None:
-            return int(head[0]), str(head[1])
-        c = schema.audit_checkpoint_chain
-        newest = conn.execute(sa.select(c.c.event_seq, c.c.event_hash).order_by(c.c.event_seq.desc()).limit(1)).first()
-        if newest is not None:
-            return int(newest.event_seq), str(newest.event_hash)
-        legacy = schema.audit_checkpoints
-        old = conn.execute(sa.select(legacy.c.event_seq, legacy.c.event_hash)
-                           .order_by(legacy.c.event_seq.desc()).limit(1)).first()
-        return (int(old.event_seq), str(old.event_hash)) if old is not None else (0, GENESIS)
+
+    @staticmethod
+    def _chain_position(cursor: Any) -> tuple[int, str]:
+        """The newest event's (seq, hash); after a prune of every event, the newest checkpoint's."""
+        for query in ("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1",
+                      "SELECT event_seq, event_hash FROM audit_checkpoint_chain ORDER BY event_seq DESC LIMIT 1",
+                      "SELECT event_seq, event_hash FROM audit_checkpoints ORDER BY event_seq DESC LIMIT 1"):
+            cursor.execute(query)
+            row = cursor.fetchone()
+            if row is not None:
+                return int(row[0]), str(row[1])
+        return 0, GENESIS
 
     @staticmethod
     def _checkpoint(row: Any) -> Checkpoint:
@@ -418,17 +433,19 @@ class SqlStore:
                           event_hash=row.event_hash, created_at=row.created_at, every=int(row.every),
                           seconds=int(row.seconds), key_id=row.key_id, signature=row.signature, hash=row.hash)
 
-    def _checkpoint_heads(self, conn: Connection) -> tuple[Checkpoint | None, Checkpoint | None]:
+    def _checkpoint_heads(self, cursor: Any) -> tuple[Checkpoint | None, Checkpoint | None]:
         """The newest checkpoint (the chain's head) and the newest seal (whose schedule is in force)."""
-        c = schema.audit_checkpoint_chain
-        head = conn.execute(sa.select(c).order_by(c.c.seq.desc()).limit(1)).first()
-        if head is None:
+        select = f"SELECT {', '.join(CHECKPOINT_COLUMNS)} FROM audit_checkpoint_chain"
+        cursor.execute(f"{select} ORDER BY seq DESC LIMIT 1")
+        row = cursor.fetchone()
+        if row is None:
             return None, None
-        seal: Any = head
-        if head.kind != CheckpointKind.SEAL:
-            seal = conn.execute(sa.select(c).where(c.c.kind == CheckpointKind.SEAL).order_by(c.c.seq.desc())
-                                .limit(1)).first()
-        return self._checkpoint(head), self._checkpoint(seal) if seal is not None else None
+        head = self._checkpoint(_Columns(CHECKPOINT_COLUMNS, row))
+        if head.kind == CheckpointKind.SEAL:
+            return head, head
+        cursor.execute(f"{select} WHERE kind = {self._mark(1)} ORDER BY seq DESC LIMIT 1", (str(CheckpointKind.SEAL),))
+        row = cursor.fetchone()
+        return head, self._checkpoint(_Columns(CHECKPOINT_COLUMNS, row)) if row is not None else None
 
     @staticmethod
     def _time_due(sealer: Sealer, last_seal: Checkpoint, now: datetime) -> bool:
@@ -472,20 +489,52 @@ class SqlStore:
         return sealer.sign(seq=head.seq + 1 if head else 1, prev_hash=head.hash if head else GENESIS, kind=kind,
                            event_seq=event_seq, event_hash=event_hash, created_at=rfc3339(now))
 
-    def _append(self, entries: Sequence[PreparedEvent],
-                sealer: Sealer | None) -> tuple[list[AuditRow], list[Checkpoint]]:
-        try:
-            return self._append_once(entries, sealer)
-        except IntegrityError as exc:  # a constraint of the database refused it: an error like any other
-            raise StoreError(f"store error: {exc.orig or exc}") from exc
+    @contextmanager
+    def _appending(self) -> Iterator[Any]:
+        """The audit chain's append transaction, on a DB-API connection of the write pool.
 
-    def _append_once(self, entries: Sequence[PreparedEvent],
+        Written against the driver on purpose: at the group sizes admission produces (one to a few
+        events per commit), SQLAlchemy's transaction and statement machinery cost about 200 µs of CPU
+        per commit, as much as SQLite's own work (docs/benchmarks.md). Same lock, same guarantees as
+        :meth:`_writing`: serialised in process and, on PostgreSQL, across replicas by the advisory lock.
+        """
+        dbapi = self.write_engine.dialect.loaded_dbapi
+        with self._write_lock:
+            try:
+                connection = self.write_engine.raw_connection()
+            except OperationalError as exc:
+                raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
+            try:
+                cursor = connection.cursor()
+                try:
+                    if self.dialect == "sqlite":
+                        cursor.execute("BEGIN IMMEDIATE")
+                    else:  # psycopg opens the transaction with the first statement
+                        cursor.execute("SELECT pg_advisory_xact_lock(%s)", (AUDIT_LOCK_KEY,))
+                    yield cursor
+                    connection.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        connection.rollback()
+                    raise
+                finally:
+                    cursor.close()
+            except dbapi.Error as exc:
+                if isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
+                    if connection.is_valid and self.dialect == "postgresql":
+                        connection.invalidate()  # the server went away: never handed out again
+                    raise StoreUnavailable(f"store unavailable: {exc}") from exc
+                raise StoreError(f"store error: {exc}") from exc  # a constraint refused it: an error like any other
+            finally:
+                connection.close()
+
+    def _append(self, entries: Sequence[PreparedEvent],
                      sealer: Sealer | None) -> tuple[list[AuditRow], list[Checkpoint]]:
         rows: list[AuditRow] = []
         checkpoints: list[Checkpoint] = []
-        with self._writing(AUDIT_LOCK_KEY) as conn:
-            seq, prev = self._chain_position(conn)
-            head_cp, last_seal = self._checkpoint_heads(conn) if sealer is not None else (None, None)
+        with self._appending() as cursor:
+            seq, prev = self._chain_position(cursor)
+            head_cp, last_seal = self._checkpoint_heads(cursor) if sealer is not None else (None, None)
             now = datetime.now(UTC)
             events: list[tuple[Any, ...]] = []
             images: list[tuple[int, str]] = []
@@ -514,19 +563,16 @@ class SqlStore:
             if sealer is not None and last_seal is not None and last_seal.event_seq < seq \
                     and self._time_due(sealer, last_seal, now):
                 seal(seq, prev)
-            # Straight to the driver's executemany, in the transaction's own connection: the Core
-            # would process every parameter of every row in Python, and a decision brings a row per
-            # image besides its event (docs/benchmarks.md).
-            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
-            try:
-                cursor.executemany(self._insert_events, events)
-                if images:
-                    cursor.executemany(self._insert_images, images)
-            finally:
-                cursor.close()
+            cursor.executemany(self._insert_events, events)
+            if images:
+                cursor.executemany(self._insert_images, images)
             if checkpoints:
-                conn.execute(schema.audit_checkpoint_chain.insert(), [self._checkpoint_row(c) for c in checkpoints])
+                cursor.executemany(self._insert_checkpoint, [self._checkpoint_values(c) for c in checkpoints])
         return rows, checkpoints
+
+    def _checkpoint_values(self, checkpoint: Checkpoint) -> tuple[Any, ...]:
+        row = self._checkpoint_row(checkpoint)
+        return tuple(row[column] for column in CHECKPOINT_COLUMNS)
 
     @staticmethod
     def _checkpoint_row(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -543,9 +589,9 @@ class SqlStore:
         checkpoint must not loosen what the server promised). Returns the new checkpoint, if any, and
         whether events remain that no checkpoint covers.
         """
-        with self._writing(AUDIT_LOCK_KEY) as conn:
-            seq, prev = self._chain_position(conn)
-            head_cp, last_seal = self._checkpoint_heads(conn)
+        with self._writing(AUDIT_LOCK_KEY) as conn, self._cursor(conn) as cursor:
+            seq, prev = self._chain_position(cursor)
+            head_cp, last_seal = self._checkpoint_heads(cursor)
             if seq == 0 or (last_seal is not None and last_seal.event_seq >= seq):
                 return None, False
             now = datetime.now(UTC)
@@ -564,7 +610,8 @@ class SqlStore:
             row = conn.execute(sa.select(t.c.hash).where(t.c.seq == up_to_seq)).first()
             if row is None or row.hash != expected_hash:
                 raise StoreError(f"event {up_to_seq} changed while pruning; run 'promotion-gate audit verify'")
-            head_cp, _ = self._checkpoint_heads(conn)
+            with self._cursor(conn) as cursor:
+                head_cp, _ = self._checkpoint_heads(cursor)
             marker = self._sign_next(sealer, head_cp, CheckpointKind.PRUNE, up_to_seq, expected_hash,
                                      datetime.now(UTC))
             conn.execute(schema.audit_checkpoint_chain.insert().values(**self._checkpoint_row(marker)))
@@ -600,8 +647,8 @@ class SqlStore:
             after = int(rows[-1].seq)
 
     def checkpoint_head(self) -> Checkpoint | None:
-        with self._reading() as conn:
-            head, _ = self._checkpoint_heads(conn)
+        with self._reading() as conn, self._cursor(conn) as cursor:
+            head, _ = self._checkpoint_heads(cursor)
         return head
 
     def checkpoint_at(self, seq: int) -> Checkpoint | None:
