@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tools.servers import PostgresServer, RunningServer, postgres_server, start_server
+from webhook.store import SqlStore, open_store
 
 
 @pytest.fixture
@@ -59,6 +60,14 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     server: PostgresServer = request.getfixturevalue("postgres")
     name = "t_" + uuid.uuid4().hex[:16]
     return server.create_database(name)
+
+
+@pytest.fixture
+def store(store_url: str) -> SqlStore:
+    """A migrated, empty store on each backend."""
+    s = open_store(store_url)
+    s.migrate()
+    return s
 
 
 # --- registries: the real distribution registry on loopback, with images the tests made ---------

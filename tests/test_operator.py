@@ -51,13 +51,6 @@ def policy(kit: Kit) -> policy_mod.Policy:
     return policy_mod.load(kit.policy_path)
 
 
-@pytest.fixture
-def store(store_url: str) -> SqlStore:
-    s = open_store(store_url)
-    s.migrate()
-    return s
-
-
 def promotion(environment: str = "ci", *, image: str = IMAGE, evidence: Mapping[str, Any] | None = None,
               envelope_json: str | None = None, name: str | None = None,
               generation: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:

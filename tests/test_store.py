@@ -25,13 +25,6 @@ def kit(tmp_path: Path) -> Kit:
     return make_kit(tmp_path / "kit")
 
 
-@pytest.fixture
-def store(store_url: str) -> SqlStore:
-    s = open_store(store_url)
-    s.migrate()
-    return s
-
-
 def rules(kit: Kit) -> Policy:
     return policy.load(kit.policy_path)
 

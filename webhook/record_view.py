@@ -151,10 +151,11 @@ class CachedRecordView:
 
         On the request's own thread the store's watchdog interrupts a read at the deadline
         (:mod:`webhook.store.deadlines`), which saves two thread wake-ups per request. It cannot
-        interrupt a connection being made, so after a failure, until a lookup succeeds again, lookups
-        go to the pool and the request waits for at most the deadline, whatever the store does.
+        interrupt a connection being made, so when no reader connection is idle, and after a failure
+        until a lookup succeeds again, lookups go to the pool and the request waits for at most the
+        deadline, whatever the store does.
         """
-        if self._store_answers:
+        if self._store_answers and self._store.reader_idle():
             with self._store.deadline(self._deadline) as watch:
                 try:
                     return self._lookup(subjects, tags)
@@ -164,11 +165,18 @@ class CachedRecordView:
                         raise TimeoutError("timed out") from exc
                     raise
         try:
-            found = self._pool.submit(self._lookup, subjects, tags).result(timeout=self._deadline)
+            found = self._pool.submit(self._watched_lookup, subjects, tags).result(timeout=self._deadline)
         except FutureTimeout as exc:
             raise TimeoutError("timed out") from exc
         self._store_answers = True
         return found
+
+    def _watched_lookup(self, subjects: Sequence[Subject],
+                        tags: Sequence[TagSubject]) -> tuple[int, dict[Subject, Entry], dict[TagSubject, TagEntry]]:
+        # On a pool thread, under the same deadline: a read that hangs frees its thread at the deadline
+        # instead of holding it until the network gives up.
+        with self._store.deadline(self._deadline):
+            return self._lookup(subjects, tags)
 
     def lookup(self, subjects: Sequence[Subject], tags: Sequence[TagSubject], environment: str) -> Lookup:
         try:

@@ -127,8 +127,9 @@ def serve(policy_path: Path | None, bind: str, cert_dir: Path, dev_certs: bool, 
     client_auth = f", /validate needs a client certificate from {validate_client_ca}" if validate_client_ca else ""
     click.echo(f"promotion-gate serving https://{bind}/validate (policy {policy_path or 'built-in default'}, "
                f"store {wiring.describe_store(store)}{client_auth})", err=True)
-    if workers > 1:
-        # One set of counters for the pod, whichever worker a scrape reaches (docs/metrics.md).
+    if workers > 1 or os.environ.get(metrics_mod.MULTIPROCESS_ENV):
+        # One set of counters for the pod, whichever worker a scrape reaches (docs/metrics.md); a
+        # directory given in the environment is cleared of an earlier run's counts either way.
         shared = os.environ.get(metrics_mod.MULTIPROCESS_ENV) or tempfile.mkdtemp(prefix="promotion-gate-metrics-")
         metrics_mod.share_between_workers(Path(shared))
     serving.serve(options, lambda: wiring.build_served(settings), worker_exited=metrics_mod.worker_stopped)

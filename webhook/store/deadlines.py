@@ -75,27 +75,29 @@ class Watchdog:
     @contextlib.contextmanager
     def deadline(self, seconds: float) -> Iterator[Watch]:
         """Reads on this thread inside the block are interrupted ``seconds`` from now."""
+        outer = self.current()
         watch = Watch(time.monotonic() + seconds)
         self._local.watch = watch
         try:
             yield watch
         finally:
-            self._local.watch = None
+            self._local.watch = outer
 
     def current(self) -> Watch | None:
         watch: Watch | None = getattr(self._local, "watch", None)
         return watch
 
     @contextlib.contextmanager
-    def guard(self, connection: Any) -> Iterator[_Guarded | None]:
+    def guard(self, connection: Any, discard: Callable[[], None]) -> Iterator[None]:
         """Interrupt ``connection`` if the thread's deadline passes while it is in use.
 
-        Yields None outside :meth:`deadline`. The caller discards the connection when the guard reports
-        ``interrupted``: an interrupt that raced with the read's end may still have broken it.
+        Does nothing outside :meth:`deadline`. When the watchdog interrupted the connection, ``discard``
+        is called once the watchdog can no longer touch it: an interrupt that raced with the read's
+        end may still have broken a connection that looks fine, and it must never be handed out again.
         """
         watch = self.current()
         if watch is None:
-            yield None
+            yield
             return
         if watch.left() <= 0:
             watch.expired = True
@@ -106,10 +108,12 @@ class Watchdog:
             self._guarded[key] = guarded
             self._start()
         try:
-            yield guarded
+            yield
         finally:
             with self._lock:  # after this, the watchdog can no longer touch the connection
                 self._guarded.pop(key, None)
+            if guarded.interrupted:
+                discard()
 
     def _start(self) -> None:
         if self._thread is None or not self._thread.is_alive():

@@ -175,8 +175,9 @@ class SqlStore:
                                            connect_args={**connect_args, "connect_timeout": 2})
 
     def _sqlite_engine(self, *, immediate: bool) -> Engine:
+        # Readers wait at most 2 s for a free pooled connection, as on PostgreSQL (admission has a deadline).
         engine = sa.create_engine(self.url, connect_args={"timeout": 10, "check_same_thread": False},
-                                  pool_size=8, max_overflow=8)
+                                  pool_size=8, max_overflow=8, pool_timeout=30 if immediate else 2)
 
         @sa_event.listens_for(engine, "connect")
         def on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -207,21 +208,36 @@ class SqlStore:
         """Reads on this thread inside the block are interrupted ``seconds`` from now (:mod:`.deadlines`)."""
         return self._watchdog.deadline(seconds)
 
+    def reader_idle(self) -> bool:
+        """Whether a reader connection is open and idle: a read now need not wait to make one."""
+        checkedin = getattr(self.engine.pool, "checkedin", None)
+        return bool(checkedin()) if checkedin is not None else False
+
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
         try:
-            with self.engine.connect() as conn, self._watchdog.guard(conn.connection.dbapi_connection) as guarded:
-                try:
-                    yield conn
-                finally:
-                    if guarded is not None and guarded.interrupted:
-                        conn.invalidate()  # the watchdog may have broken it even if the read ended in time
-        except TimeoutError as exc:
+            with self.engine.connect() as conn, self._watchdog.guard(conn.connection.dbapi_connection,
+                                                                     conn.invalidate):
+                yield conn
+        except (TimeoutError, sa.exc.TimeoutError) as exc:  # our deadline, or no free pooled connection
             raise StoreUnavailable("store unavailable: timed out") from exc
         except OperationalError as exc:
             raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
         except SQLAlchemyError as exc:
             raise StoreError(f"store error: {exc}") from exc
+
+    @staticmethod
+    def _checkout(engine: Engine) -> Any:
+        """A pooled DB-API connection; failing to get one, however, is an outage of the store.
+
+        ``raw_connection`` hands the pool's and the driver's exceptions through unwrapped.
+        """
+        try:
+            return engine.raw_connection()
+        except (TimeoutError, sa.exc.TimeoutError) as exc:
+            raise StoreUnavailable("store unavailable: timed out waiting for a connection") from exc
+        except (SQLAlchemyError, engine.dialect.loaded_dbapi.Error) as exc:
+            raise StoreUnavailable(f"store unavailable: {getattr(exc, 'orig', None) or exc}") from exc
 
     @contextmanager
     def _driver(self) -> Iterator[Any]:
@@ -232,24 +248,23 @@ class SqlStore:
         every request (docs/benchmarks.md). Everything else goes through the Core.
         """
         dbapi = self.engine.dialect.loaded_dbapi
+        connection = self._checkout(self.engine)
+
+        def discard() -> None:
+            if connection.is_valid:
+                connection.invalidate()  # broken or interrupted: never handed out again
+
         try:
-            connection = self.engine.raw_connection()
-        except OperationalError as exc:
-            raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
-        try:
-            with self._watchdog.guard(connection.dbapi_connection) as guarded:
+            with self._watchdog.guard(connection.dbapi_connection, discard):
                 cursor = connection.cursor()
                 try:
                     yield cursor
                 finally:
                     cursor.close()
-                    if guarded is not None and guarded.interrupted and connection.is_valid:
-                        connection.invalidate()  # the watchdog may have broken it even if the read ended in time
         except TimeoutError as exc:
             raise StoreUnavailable("store unavailable: timed out") from exc
         except dbapi.Error as exc:
-            if connection.is_valid:
-                connection.invalidate()  # broken or interrupted: never handed out again
+            discard()
             if isinstance(exc, dbapi.OperationalError | dbapi.InterfaceError):
                 raise StoreUnavailable(f"store unavailable: {exc}") from exc
             raise StoreError(f"store error: {exc}") from exc
@@ -500,10 +515,7 @@ class SqlStore:
         """
         dbapi = self.write_engine.dialect.loaded_dbapi
         with self._write_lock:
-            try:
-                connection = self.write_engine.raw_connection()
-            except OperationalError as exc:
-                raise StoreUnavailable(f"store unavailable: {exc.orig or exc}") from exc
+            connection = self._checkout(self.write_engine)
             try:
                 cursor = connection.cursor()
                 try:
