@@ -308,6 +308,17 @@ class _Expired(Exception):
     """The watch's resourceVersion is too old (410): list again."""
 
 
+def _watch_event(event: dict[str, Any], version: str, plural: str) -> tuple[Any, dict[str, Any], str]:
+    """A watch event's type, object and the resource version to resume from; ERROR ends the watch."""
+    kind = event.get("type")
+    obj = _mapping(event.get("object"))
+    if kind == "ERROR":
+        if obj.get("code") == 410:
+            raise _Expired()
+        raise ClusterError(f"watch of {plural} ended with an error: {obj.get('message', obj)}")
+    return kind, obj, str(_mapping(obj.get("metadata")).get("resourceVersion") or version)
+
+
 class WatchedResource:
     """One resource kind, cluster-wide: a paginated list, then a watch from its resourceVersion.
 
@@ -371,17 +382,10 @@ class WatchedResource:
         return version
 
     def _apply(self, event: dict[str, Any], version: str) -> str:
-        kind = event.get("type")
-        obj = _mapping(event.get("object"))
-        metadata = _mapping(obj.get("metadata"))
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired()
-            raise ClusterError(f"watch of {self.resource.plural} ended with an error: {obj.get('message', obj)}")
-        new_version = str(metadata.get("resourceVersion") or version)
+        kind, obj, new_version = _watch_event(event, version, self.resource.plural)
         if kind == "BOOKMARK":
             return new_version
-        uid = str(metadata.get("uid", ""))
+        uid = str(_mapping(obj.get("metadata")).get("uid", ""))
         if kind == "DELETED":
             with self._lock:
                 self._objects.pop(uid, None)
@@ -530,14 +534,7 @@ class _NamespaceCache(WatchedResource):
         return version
 
     def _apply(self, event: dict[str, Any], version: str) -> str:
-        kind = event.get("type")
-        obj = _mapping(event.get("object"))
-        metadata = _mapping(obj.get("metadata"))
-        if kind == "ERROR":
-            if obj.get("code") == 410:
-                raise _Expired()
-            raise ClusterError(f"watch of namespaces ended with an error: {obj.get('message', obj)}")
-        new_version = str(metadata.get("resourceVersion") or version)
+        kind, obj, new_version = _watch_event(event, version, "namespaces")
         if kind == "BOOKMARK":
             return new_version
         info = namespace_info(obj)

@@ -21,6 +21,7 @@ import pytest
 
 from tests.e2e import gate as gate_mod
 from tests.e2e import manifests
+from tests.e2e import running_workloads as rw
 from tests.e2e.cluster import (
     Cluster,
     LocalControlPlane,
@@ -173,6 +174,14 @@ class LegacyWorkload:
     namespace: str
     name: str
     image: str
+
+
+@pytest.fixture
+def namespaces(cluster: Cluster, core: Any) -> Iterator[rw.Namespaces]:
+    """Namespaces a test makes (``rw.Namespaces``), deleted after it."""
+    made = rw.Namespaces(cluster, core)
+    yield made
+    made.release()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from tools.servers import free_port
 pytestmark = pytest.mark.e2e
 
 DIGEST = "sha256:" + "e" * 64
-
-
-@pytest.fixture
-def namespaces(cluster: Cluster, core: Any) -> Iterator[rw.Namespaces]:
-    made = rw.Namespaces(cluster, core)
-    yield made
-    made.release()
 
 
 @pytest.fixture

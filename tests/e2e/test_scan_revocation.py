@@ -11,7 +11,6 @@ Promotion Gate along the way.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +37,6 @@ BOUND = 45.0  # seconds within which a revocation or a rollout must show (genero
 def policy_report_crd(cluster: Cluster) -> None:
     cluster.kubectl("apply", "-f", str(REPO / "charts" / "promotion-gate" / "crds" / "policyreport.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/policyreports.wgpolicyk8s.io", "--timeout=60s")
-
-
-@pytest.fixture
-def namespaces(cluster: Cluster, core: Any) -> Iterator[rw.Namespaces]:
-    made = rw.Namespaces(cluster, core)
-    yield made
-    made.release()
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +24,6 @@ from tools.promotion_kit import Kit, make_kit
 from tools.servers import RunningServer, start_server
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def namespaces(cluster: Cluster, core: Any) -> Iterator[rw.Namespaces]:
-    made = rw.Namespaces(cluster, core)
-    yield made
-    made.release()
 
 
 @pytest.fixture
